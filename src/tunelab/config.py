@@ -1,0 +1,375 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML with ``--set`` overrides.
+
+Every field is documented in its ``metadata["doc"]``; ``tunelab config-doc`` (and the README)
+print them. Unknown keys are errors with a did-you-mean, values are validated, and the
+user's config is never mutated: ``resolve()`` returns a new object plus the list of what
+was overridden (after litgpt's ``args.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message says where and how."""
+
+
+def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING):
+    kw: dict[str, Any] = {"metadata": {"doc": doc}}
+    if factory is not dataclasses.MISSING:
+        kw["default_factory"] = factory
+    else:
+        kw["default"] = default
+    return field(**kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded), a Hugging Face id, a local dir, or a .gguf file.")
+    dtype: Literal["auto", "bf16", "fp32"] = _f("auto", "Dtype of the frozen base. auto = bf16 where the hardware runs it fast, else fp32. Trainable parameters are always fp32.")
+    trust_remote_code: bool = _f(False, "Run model code from the hub. Off unless you trust the source.")
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
+
+
+@dataclass
+class DatasetEntry:
+    path: str = _f(None, "File: .jsonl, .json, .csv or .parquet.")
+    format: Literal["auto", "alpaca", "dolly", "flan", "sharegpt", "messages", "text"] = _f("auto", "Record format; auto detects it from the keys.")
+    weight: float = _f(1.0, "Mixing weight: datasets contribute examples in proportion to their weights.")
+    name: Optional[str] = _f(None, "Task tag used when records carry none (default: the file's stem).")
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetEntry] = _f(factory=list, doc="Training datasets: a list of {path, format, weight}.")
+    eval: Optional[DatasetEntry] = _f(None, "Eval dataset {path, format}. Takes precedence over eval_fraction.")
+    eval_fraction: float = _f(0.0, "Fraction of the training data split off for eval, seeded and stratified by task.")
+    on_error: Literal["raise", "skip"] = _f("raise", "Bad records: raise an error naming file:line, or skip them and report the count.")
+    train_on: Literal["assistant", "last_assistant", "all"] = _f("assistant", "Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one, or all tokens.")
+    max_seq_len: int = _f(1024, "Maximum tokens per example.")
+    truncation: Literal["drop", "truncate_prompt"] = _f("drop", "Over-long examples: drop them, or cut the prompt from the left. Examples that would lose every completion token are never trained.")
+    audit: Literal["off", "warn", "strict"] = _f("warn", "Data audit before training: off, warn (print a summary), strict (refuse to train on error findings).")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(16, "LoRA rank r (cheatsheet: 4-64 typical; >128 defeats the purpose).")
+    alpha: Optional[float] = _f(None, "LoRA alpha; default 2 x rank.")
+    dropout: float = _f(0.05, "Dropout on the LoRA input (cheatsheet: 0.05-0.1).")
+    targets: Union[str, list[str]] = _f("qv", "Modules: qv (q_proj+v_proj, the cheatsheet's start), attention, all-linear, or a list of module names.")
+    layers: Union[str, list[int]] = _f("all", "Layers that get adapters: all, top:N (the N closest to the output), or a list of indices.")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: Optional[bool] = _f(None, "Early stopping on eval loss; default: on when an eval set exists.")
+    patience: int = _f(3, "Evals without improvement before stopping.")
+    min_delta: float = _f(0.0, "Improvement in eval loss smaller than this does not count.")
+
+
+@dataclass
+class TrainConfig:
+    lr: Optional[float] = _f(None, "Peak learning rate; default 2e-4 for LoRA/QLoRA, 1e-5 for full fine-tuning.")
+    epochs: float = _f(2, "Passes over the training data (ignored when max_steps is set).")
+    max_steps: Optional[int] = _f(None, "Optimizer steps; overrides epochs.")
+    batch_size: int = _f(8, "Examples per micro-batch (per process).")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    warmup: float = _f(0.05, "Warmup as a fraction of total steps (cheatsheet: 3-10%).")
+    schedule: Literal["cosine", "linear", "constant_with_warmup"] = _f("cosine", "LR schedule after warmup.")
+    min_lr_ratio: float = _f(0.0, "Final LR as a fraction of the peak.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: Optional[float] = _f(1.0, "Gradient clipping norm; null disables it.")
+    seed: int = _f(42, "Seed for data order, splits and initialisation.")
+    eval_every: Optional[int] = _f(None, "Steps between evals; default: about 10 evals per run.")
+    save_every: Optional[int] = _f(None, "Steps between resumable checkpoints; default: at each eval.")
+    keep_checkpoints: int = _f(2, "Resumable checkpoints kept on disk.")
+    log_every: int = _f(1, "Steps between metrics lines.")
+    early_stopping: EarlyStoppingConfig = _f(factory=EarlyStoppingConfig, doc="Early stopping on eval loss.")
+    length_grouping: bool = _f(True, "Batch examples of similar length (shuffled buckets, seeded) to cut padding.")
+    trained_logits_only: bool = _f(True, "Compute lm_head and cross-entropy only at positions whose labels are trained.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    eval_batch_size: Optional[int] = _f(None, "Eval micro-batch size; default: batch_size.")
+
+
+@dataclass
+class Config:
+    name: str = _f("run", "Run name; output goes to runs/<name> unless output_dir is set.")
+    output_dir: Optional[str] = _f(None, "Run directory (default runs/<name>).")
+    method: Literal["lora", "qlora", "full"] = _f("lora", "lora (default), qlora (LoRA on an NF4 base) or full fine-tuning.")
+    template: str = _f("auto", "Prompt template: auto (the tokenizer's chat template) or chatml, llama3, llama2, mistral, alpaca, plain.")
+    model: ModelConfig = _f(factory=ModelConfig, doc="The model.")
+    data: DataConfig = _f(factory=DataConfig, doc="Datasets, masking and lengths.")
+    lora: LoraConfig = _f(factory=LoraConfig, doc="LoRA adapters.")
+    train: TrainConfig = _f(factory=TrainConfig, doc="The training loop.")
+
+    # -- derived values: computed, never written back into the user's fields --
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    @property
+    def lr(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 1e-5 if self.method == "full" else 2e-4
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.lora.alpha if self.lora.alpha is not None else 2.0 * self.lora.rank
+
+    @property
+    def has_eval(self) -> bool:
+        return self.data.eval is not None or self.data.eval_fraction > 0
+
+    @property
+    def early_stopping_on(self) -> bool:
+        es = self.train.early_stopping.enabled
+        return self.has_eval if es is None else (es and self.has_eval)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) == 1:
+            return args[0], optional
+        return Union[tuple(args)], optional
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert ``value`` to type ``tp``; raise ConfigError naming ``where``."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here")
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and tp is DatasetEntry:
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(value, alt, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} fits none of the allowed forms ({'; '.join(errors)})")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            raise ConfigError(
+                f"unknown config key {path!r}" + (f"; did you mean {(where + '.' if where else '') + hint[0]!r}?" if hint else "")
+                + f" (valid keys here: {', '.join(fields)})"
+            )
+        kwargs[key] = _coerce(value, hints[key], path)
+    obj = cls(**kwargs)
+    _validate(obj, where)
+    return obj
+
+
+def _validate(obj: Any, where: str) -> None:
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{where + '.' if where else ''}{key}: {msg}")
+
+    if isinstance(obj, DatasetEntry):
+        if not obj.path:
+            raise bad("path", "every dataset needs a path")
+        if obj.weight <= 0:
+            raise bad("weight", f"must be > 0, got {obj.weight}")
+    elif isinstance(obj, DataConfig):
+        if not 0.0 <= obj.eval_fraction < 1.0:
+            raise bad("eval_fraction", f"must be in [0, 1), got {obj.eval_fraction}")
+        if obj.max_seq_len < 8:
+            raise bad("max_seq_len", f"must be >= 8, got {obj.max_seq_len}")
+    elif isinstance(obj, LoraConfig):
+        if obj.rank < 1:
+            raise bad("rank", f"must be >= 1, got {obj.rank}")
+        if not 0.0 <= obj.dropout < 1.0:
+            raise bad("dropout", f"must be in [0, 1), got {obj.dropout}")
+        if isinstance(obj.targets, str) and obj.targets not in ("qv", "attention", "all-linear"):
+            raise bad("targets", f"{obj.targets!r}: use qv, attention, all-linear or a list of module names")
+        if isinstance(obj.layers, str) and obj.layers != "all":
+            if not (obj.layers.startswith("top:") and obj.layers[4:].isdigit() and int(obj.layers[4:]) > 0):
+                raise bad("layers", f"{obj.layers!r}: use all, top:N or a list of layer indices")
+    elif isinstance(obj, TrainConfig):
+        if obj.lr is not None and not 0 < obj.lr < 1:
+            raise bad("lr", f"must be in (0, 1), got {obj.lr}")
+        for k in ("batch_size", "grad_accum", "log_every"):
+            if getattr(obj, k) < 1:
+                raise bad(k, f"must be >= 1, got {getattr(obj, k)}")
+        if obj.max_steps is not None and obj.max_steps < 1:
+            raise bad("max_steps", f"must be >= 1, got {obj.max_steps}")
+        if obj.max_steps is None and obj.epochs <= 0:
+            raise bad("epochs", f"must be > 0, got {obj.epochs}")
+        if not 0 <= obj.warmup < 1:
+            raise bad("warmup", f"a fraction of the total steps in [0, 1), got {obj.warmup}")
+        if not 0 <= obj.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", f"must be in [0, 1], got {obj.min_lr_ratio}")
+        for k in ("eval_every", "save_every", "eval_batch_size"):
+            v = getattr(obj, k)
+            if v is not None and v < 1:
+                raise bad(k, f"must be >= 1, got {v}")
+
+
+# --------------------------------------------------------------------------- public API
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, ...] | list[str] = ()) -> tuple[Config, list[str]]:
+    """Load a YAML config and apply ``a.b=value`` overrides.
+
+    Returns the resolved config and the list of overrides applied (for logging). Relative
+    dataset paths are resolved against the config file's folder, so a config works from
+    any working directory.
+    """
+    raw: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{loc}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+        raw.setdefault("name", p.stem)
+        base = p.resolve().parent
+    applied = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        _set_path(raw, key.strip(), value)
+        applied.append(f"{key.strip()}={value}")
+    try:
+        cfg = _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+    cfg = _resolve_paths(cfg, base)
+    return cfg, applied
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def fix(entry: Optional[DatasetEntry]) -> Optional[DatasetEntry]:
+        if entry is None:
+            return None
+        p = Path(os.path.expanduser(entry.path))
+        if not p.is_absolute() and not p.exists() and (base / p).exists():
+            p = base / p
+        return dataclasses.replace(entry, path=str(p))
+
+    data = dataclasses.replace(cfg.data, train=[fix(e) for e in cfg.data.train], eval=fix(cfg.data.eval))
+    return dataclasses.replace(cfg, data=data)
+
+
+def config_from_dict(d: dict) -> Config:
+    return _build(Config, d, "")
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) rows for every field, for docs and ``tunelab config-doc``."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        inner, _ = _strip_optional(hint)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(inner):
+            rows.append((key, "", f.metadata.get("doc", "")))
+            rows.extend(describe(inner, key + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+            rows.append((key, repr(default), f.metadata.get("doc", "")))
+    return rows

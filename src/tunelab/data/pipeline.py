@@ -1,0 +1,61 @@
+"""From the data config to encoded train and eval examples: read, split, mix, render."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import Config, DatasetEntry
+from .formats import Conversation, DataError, load_dataset_file
+from .mixing import mix, stratified_split
+from .render import EncodedExample, EncodeStats, Renderer
+
+
+@dataclass
+class PreparedData:
+    train: list[EncodedExample]
+    eval: list[EncodedExample]
+    train_stats: EncodeStats
+    eval_stats: Optional[EncodeStats]
+    formats: dict[str, str] = field(default_factory=dict)  # path -> detected format
+    skipped: list[str] = field(default_factory=list)  # bad records skipped (on_error=skip)
+    train_conversations: list[Conversation] = field(default_factory=list)
+    eval_conversations: list[Conversation] = field(default_factory=list)
+
+
+def load_conversations(entry: DatasetEntry, on_error: str) -> tuple[list[Conversation], str, list[str]]:
+    ds = load_dataset_file(entry.path, entry.format, on_error, task=entry.name)
+    return ds.conversations, ds.format, ds.skipped
+
+
+def prepare_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation], dict[str, str], list[str]]:
+    if not cfg.data.train:
+        raise DataError("data.train", "no training datasets; add data.train: [{path: ...}] to the config")
+    formats: dict[str, str] = {}
+    skipped: list[str] = []
+    parts: list[tuple[list[Conversation], float]] = []
+    evals: list[Conversation] = []
+    for k, entry in enumerate(cfg.data.train):
+        convs, fmt, bad = load_conversations(entry, cfg.data.on_error)
+        formats[entry.path] = fmt
+        skipped += bad
+        if cfg.data.eval is None and cfg.data.eval_fraction > 0:
+            convs, ev = stratified_split(convs, cfg.data.eval_fraction, cfg.train.seed + k)
+            evals += ev
+        parts.append((convs, entry.weight))
+    train = mix(parts, cfg.train.seed)
+    if cfg.data.eval is not None:
+        evals, fmt, bad = load_conversations(cfg.data.eval, cfg.data.on_error)
+        formats[cfg.data.eval.path] = fmt
+        skipped += bad
+    return train, evals, formats, skipped
+
+
+def prepare_data(cfg: Config, renderer: Renderer) -> PreparedData:
+    train_c, eval_c, formats, skipped = prepare_conversations(cfg)
+    d = cfg.data
+    train, tstats = renderer.encode_many(train_c, d.train_on, d.max_seq_len, d.truncation)
+    if not train:
+        raise DataError("data.train", f"no trainable examples left ({tstats.summary()}); raise data.max_seq_len or use truncation: truncate_prompt")
+    ev, estats = (renderer.encode_many(eval_c, d.train_on, d.max_seq_len, d.truncation) if eval_c else ([], None))
+    return PreparedData(train, ev, tstats, estats, formats, skipped, train_c, eval_c)

@@ -1,0 +1,258 @@
+"""The training run, top to bottom: setup, loop, eval, save.
+
+This is the file to read first. It runs under accelerate: ``python -m tunelab train`` is one
+process; ``accelerate launch -m tunelab train`` gives DDP (or FSDP) without another code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from rich.console import Console
+
+from ..config import Config, dump_yaml
+from ..data.batching import collate, epoch_batches
+from ..data.pipeline import prepare_data
+from ..data.render import Renderer
+from ..models.build import build_model
+from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .loss import CausalLMLoss
+from .memory import memory_report
+from .reporting import make_reporter, peak_memory_bytes, format_bytes
+from .schedule import make_scheduler
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights/optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches consumed from the (multi-epoch) stream
+    trained_tokens: int = 0
+    best_eval: float = math.inf
+    best_step: Optional[int] = None
+    bad_evals: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_eval: Optional[float]
+    best_step: Optional[int]
+    stopped_early: bool
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+
+
+class MicroBatchStream:
+    """Micro-batch k of the run: epochs laid end to end, each in its seeded order, sharded
+    across processes. Stateless apart from a cache, so position k fully defines the data."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, grouping: bool, rank: int, world: int):
+        self.lengths, self.batch_size, self.seed, self.grouping = lengths, batch_size, seed, grouping
+        self.rank, self.world = rank, world
+        n = math.ceil(len(lengths) / batch_size)
+        self.per_epoch = n // world if world > 1 else n  # equal counts on every rank
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(lengths)} examples make no batch of {batch_size} on each of {world} processes")
+        self._epoch = -1
+        self._batches: list[list[int]] = []
+
+    def __getitem__(self, k: int) -> list[int]:
+        epoch, i = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, self.grouping)
+            self._batches = batches[self.rank :: self.world][: self.per_epoch]
+            self._epoch = epoch
+        return self._batches[i]
+
+
+def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool = False, stop_at_step: Optional[int] = None, console: Optional[Console] = None) -> TrainResult:
+    """Fine-tune per ``cfg``. ``stop_at_step`` ends the run early as an interruption would
+    (used by the resume tests); everything else comes from the config."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # ---------------------------------------------------------------- setup
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    run_dir = cfg.run_dir
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    resume_step = int(ckpt.name.split("-")[1]) if ckpt else None
+    rep = make_reporter(accelerator.is_main_process, run_dir, console, resume_step)
+    rep.info(f"[bold]tunelab train[/bold] {cfg.name} -> {run_dir}  ({accelerator.num_processes} process(es) on {device})")
+    if overrides:
+        rep.info("overridden: " + ", ".join(overrides))
+    rep.info(dump_yaml(cfg).rstrip())
+    if accelerator.is_main_process:
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    set_seed(cfg.train.seed)
+
+    built = build_model(cfg, device)
+    model, tokenizer = built.model, built.tokenizer
+    renderer = Renderer(tokenizer, cfg.template)
+    data = prepare_data(cfg, renderer)
+    rep.info(f"data: {data.formats}; train {data.train_stats.summary()}" + (f"; eval {data.eval_stats.summary()}" if data.eval_stats else ""))
+    if data.skipped:
+        rep.warn(f"{len(data.skipped)} bad records skipped (data.on_error: skip), first: {data.skipped[:3]}")
+    _audit(cfg, renderer, data, rep)
+    rep.table("parameters", *memory_report(model))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999))
+    stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping,
+                              accelerator.process_index, accelerator.num_processes)
+    ga = cfg.train.grad_accum
+    steps_per_epoch = math.ceil(stream.per_epoch / ga)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * stream.per_epoch / ga))
+    scheduler = make_scheduler(optimizer, total_steps, cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio)
+    eval_every = cfg.train.eval_every or max(1, total_steps // 10)
+    save_every = cfg.train.save_every or eval_every
+    loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only)
+    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
+    autocast = (lambda: torch.autocast(device.type, dtype=built.compute_dtype)) if built.compute_dtype != torch.float32 else contextlib.nullcontext
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    state = LoopState()
+    if ckpt is not None:
+        state = LoopState(**{k: v for k, v in load_checkpoint(ckpt, model, optimizer, scheduler).items() if k in LoopState.__dataclass_fields__})
+        rep.info(f"resumed from {ckpt} at step {state.step}")
+    rep.info(f"{len(data.train)} train / {len(data.eval)} eval examples; {steps_per_epoch} steps per epoch; {total_steps} steps; "
+             f"lr {cfg.lr:g}; effective batch {cfg.train.batch_size * ga * accelerator.num_processes}")
+
+    def evaluate() -> float:
+        """Mean loss over every trained token of the eval set (all processes)."""
+        loss_fn.eval()
+        bs = cfg.train.eval_batch_size or cfg.train.batch_size
+        order = sorted(range(len(data.eval)), key=lambda i: len(data.eval[i]))
+        mine = order[accelerator.process_index :: accelerator.num_processes]
+        total = torch.zeros(2, device=device, dtype=torch.float64)
+        with torch.no_grad(), autocast():
+            for s in range(0, len(mine), bs):
+                b = collate([data.eval[i] for i in mine[s:s + bs]], pad_id).to(device)
+                loss_sum, n = loss_fn(b.input_ids, b.attention_mask, b.labels)
+                total += torch.stack([loss_sum.double(), n.double()])
+        total = accelerator.reduce(total, reduction="sum")
+        loss_fn.train()
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def save_best() -> None:
+        if accelerator.is_main_process:
+            save_trained(accelerator.unwrap_model(loss_fn).model, tokenizer, cfg, run_dir)
+
+    result = TrainResult(run_dir, state.step, None, None, False)
+    if data.eval and cfg.early_stopping_on and state.step == 0:
+        base_eval = evaluate()
+        rep.info(f"eval loss before training: {base_eval:.4f}")
+        rep.metrics(event="eval", step=0, epoch=0.0, lr=scheduler.get_last_lr()[0], eval_loss=base_eval, trained_tokens=0)
+
+    # ---------------------------------------------------------------- loop
+    loss_fn.train()
+    rep.start(total_steps, state.step)
+    t_log, tokens_since_log = time.perf_counter(), 0
+    while state.step < total_steps:
+        batches = [collate([data.train[i] for i in stream[state.micro + j]], pad_id) for j in range(ga)]
+        state.micro += ga
+        # Loss = sum over trained tokens / trained tokens of the whole effective batch, on
+        # every process; DDP averages gradients over processes, hence the * world size.
+        n_local = torch.tensor(sum(b.n_trained for b in batches), device=device)
+        n_global = accelerator.reduce(n_local.clone(), reduction="sum").clamp(min=1)
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        for j, b in enumerate(batches):
+            b = b.to(device)
+            sync = accelerator.no_sync(loss_fn) if j < ga - 1 else contextlib.nullcontext()
+            with sync, autocast():
+                loss_sum, _ = loss_fn(b.input_ids, b.attention_mask, b.labels)
+            accelerator.backward(loss_sum * accelerator.num_processes / n_global)
+            step_loss += loss_sum.detach().double()
+            tokens_since_log += b.n_real
+        if cfg.train.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.trained_tokens += int(n_global)
+        train_loss = (accelerator.reduce(step_loss, reduction="sum") / n_global).item()
+        result.losses.append(train_loss)
+
+        elapsed = time.perf_counter() - t_log
+        tps = tokens_since_log * accelerator.num_processes / max(elapsed, 1e-9)
+        rep.step(state.step, train_loss, lr, tps)
+        if state.step % cfg.train.log_every == 0:
+            rep.metrics(event="train", step=state.step, epoch=state.micro / stream.per_epoch, lr=lr, train_loss=train_loss,
+                        trained_tokens=state.trained_tokens, tokens_per_s=tps)
+            result.tokens_per_s = tps
+            t_log, tokens_since_log = time.perf_counter(), 0
+
+        # ------------------------------------------------------------ eval, early stopping
+        stop = False
+        if data.eval and (state.step % eval_every == 0 or state.step == total_steps):
+            t_eval = time.perf_counter()
+            ev = evaluate()
+            result.eval_losses.append((state.step, ev))
+            rep.metrics(event="eval", step=state.step, epoch=state.micro / stream.per_epoch, lr=lr, eval_loss=ev, trained_tokens=state.trained_tokens)
+            if ev < state.best_eval - cfg.train.early_stopping.min_delta:
+                state.best_eval, state.best_step, state.bad_evals = ev, state.step, 0
+                save_best()
+            else:
+                state.bad_evals += 1
+                stop = cfg.early_stopping_on and state.bad_evals >= cfg.train.early_stopping.patience
+            t_log += time.perf_counter() - t_eval  # eval time is not training throughput
+        if state.step % save_every == 0 or stop or state.step == total_steps:
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir / "checkpoints", state.step, accelerator.unwrap_model(loss_fn).model, optimizer, scheduler,
+                                state.__dict__, cfg.train.keep_checkpoints)
+            accelerator.wait_for_everyone()
+        if stop:
+            rep.info(f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evals; "
+                     f"best {state.best_eval:.4f} at step {state.best_step}")
+            result.stopped_early = True
+            break
+        if stop_at_step is not None and state.step >= stop_at_step:
+            break
+
+    # ---------------------------------------------------------------- save
+    rep.close()
+    if not data.eval:
+        save_best()  # no eval set: the final weights are the result
+    accelerator.wait_for_everyone()
+    result.steps, result.best_step = state.step, state.best_step
+    result.best_eval = state.best_eval if math.isfinite(state.best_eval) else None
+    mem = peak_memory_bytes(device)
+    rep.info(f"done: {state.step} steps; " + (f"best eval loss {result.best_eval:.4f} at step {state.best_step}; " if result.best_eval is not None else "")
+             + f"result in {run_dir / ('model' if cfg.method == 'full' else 'adapter')}; "
+             + "; ".join(f"{k} {format_bytes(v)}" for k, v in mem.items()))
+    return result
+
+
+def save_trained(model: Any, tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
+    """Write the trained result atomically: the adapter (lora/qlora) or the full model."""
+    target = run_dir / ("model" if cfg.method == "full" else "adapter")
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(target, write)
+
+
+def _audit(cfg: Config, renderer: Renderer, data: Any, rep: Any) -> None:
+    if cfg.data.audit == "off":
+        return
+    try:
+        from ..audit import audit_for_training
+    except ImportError:
+        return
+    audit_for_training(cfg, renderer, data, rep)
