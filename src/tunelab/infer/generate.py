@@ -55,7 +55,11 @@ def load_for_inference(run_or_model: str, template: Optional[str] = None, device
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, str(trained))
-        if cfg.method != "qlora":
+        if cfg.method == "qlora":
+            from ..models.quantize import place_on
+
+            place_on(model, device)  # the NF4 base loads onto the current CUDA device or the CPU: move only if elsewhere
+        else:
             model.to(device)
         return Loaded(model.eval(), tok, Renderer(tok, template or cfg.template), device, cfg)
     path = resolve_model_path(run_or_model)

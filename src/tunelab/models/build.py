@@ -29,13 +29,17 @@ def quantization_config(cfg: Config, dtype: torch.dtype) -> Any:
         return None
     from .quantize import nf4_config
 
-    return nf4_config(dtype)
+    return nf4_config(dtype)  # NF4, block 64, double quant, compute in ``dtype``
 
 
 def build_model(cfg: Config, device: torch.device) -> BuiltModel:
     path = resolve_model_path(cfg.model.name)
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
     dtype = compute_dtype(cfg.model.dtype, device)
+    if cfg.method == "qlora":
+        from .quantize import check_backend
+
+        check_backend(device)  # a missing or unsupported bitsandbytes fails here, saying how to fix it
     # Frozen base in the compute dtype; full fine-tuning trains every weight, so it keeps fp32
     # master weights and runs the forward under autocast.
     base_dtype = torch.float32 if cfg.method == "full" else dtype
@@ -43,7 +47,10 @@ def build_model(cfg: Config, device: torch.device) -> BuiltModel:
     if cfg.method == "qlora":
         from .quantize import prepare_quantized_base
 
-        model = prepare_quantized_base(model, cfg)
+        # transformers loads a bitsandbytes model straight onto the current CUDA device (or the
+        # CPU), quantizing as it goes; prepare_quantized_base moves it only if ``device`` differs
+        # (DDP ranks), before the adapters are created next to their base layers.
+        model = prepare_quantized_base(model, cfg, device)
     if cfg.method in ("lora", "qlora"):
         model = apply_lora(model, cfg)
     else:
@@ -53,6 +60,6 @@ def build_model(cfg: Config, device: torch.device) -> BuiltModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    if not (cfg.method == "qlora"):
-        model.to(device)
+    if cfg.method != "qlora":
+        model.to(device)  # qlora: already placed (moving Params4bit again would rebuild every weight)
     return BuiltModel(model, tok, dtype, path)

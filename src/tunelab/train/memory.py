@@ -1,20 +1,50 @@
-"""Parameters by kind with their bytes: what the model costs in memory before it trains."""
+"""Parameters by kind with their bytes: what the model costs in memory before it trains.
+
+A bitsandbytes 4-bit weight (``Params4bit``) is a packed uint8 tensor holding two 4-bit codes
+a byte, plus its quant state: the per-block absmax (fp32, or uint8 codes with double
+quantization, whose nested state adds an fp32 absmax per 256 blocks, a 256-entry fp32 code
+book and an fp32 offset) and the 16-entry code book. NF4 with block 64 and double quant:
+0.5 + 1/64 + 4/(64*256) bytes per weight plus ~1.1 KB of code books per layer ~= 0.516.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 
-def _param_bytes(p: torch.Tensor) -> int:
-    # bitsandbytes Params4bit stores packed uint8 (2 weights a byte) plus its quant state.
-    n = p.numel() * p.element_size()
-    qs = getattr(p, "quant_state", None)
-    if qs is not None:
-        for t in (getattr(qs, "absmax", None), getattr(getattr(qs, "state2", None), "absmax", None), getattr(getattr(qs, "state2", None), "code", None), getattr(qs, "code", None)):
-            if isinstance(t, torch.Tensor):
-                n += t.numel() * t.element_size()
+def _quant_state_tensors(qs: Any) -> list[torch.Tensor]:
+    """Every tensor a bitsandbytes QuantState holds (nested state included)."""
+    out = []
+    for name in ("absmax", "code", "offset"):
+        t = getattr(qs, name, None)
+        if isinstance(t, torch.Tensor):
+            out.append(t)
+    state2 = getattr(qs, "state2", None) if getattr(qs, "nested", False) else None
+    if state2 is not None:
+        out.extend(_quant_state_tensors(state2))
+    return out
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    # Storage identity: the same tensor (or a view) shared by several quant states counts once.
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+def _param_bytes(p: torch.Tensor, seen: Optional[set] = None) -> int:
+    """Bytes ``p`` occupies: its own storage plus, for a quantized weight, its quant state.
+
+    ``seen`` (storage keys already counted) makes tensors shared between parameters count once."""
+    seen = set() if seen is None else seen
+    n = 0
+    tensors = [p] + _quant_state_tensors(getattr(p, "quant_state", None)) if getattr(p, "quant_state", None) is not None else [p]
+    for t in tensors:
+        k = _tensor_key(t)
+        if k in seen and t.numel() > 0:
+            continue
+        seen.add(k)
+        n += t.numel() * t.element_size()
     return n
 
 
@@ -25,22 +55,33 @@ def _logical_numel(p: torch.Tensor) -> int:
     return p.numel()
 
 
+def _is_quantized(p: torch.Tensor) -> bool:
+    return getattr(p, "quant_state", None) is not None or p.dtype in (torch.uint8, torch.int8)
+
+
+KINDS = ("trainable", "frozen quantized", "frozen full precision")
+
+
 def param_breakdown(model: Any) -> dict[str, dict[str, int]]:
-    """{kind: {"params": n, "bytes": b}} for trainable, frozen quantized, frozen full precision."""
-    out = {k: {"params": 0, "bytes": 0} for k in ("trainable", "frozen quantized", "frozen full precision")}
-    seen = set()
-    for _, p in model.named_parameters():
-        if id(p) in seen:  # tied weights count once
+    """{kind: {"params": n, "bytes": b}} for trainable, frozen quantized, frozen full precision.
+
+    ``params`` counts logical weights (a 4-bit (out, in) weight counts out*in, not its packed
+    bytes); tied weights count once."""
+    out = {k: {"params": 0, "bytes": 0} for k in KINDS}
+    seen_params: set = set()
+    seen_storage: set = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen_params:  # tied weights count once
             continue
-        seen.add(id(p))
+        seen_params.add(id(p))
         if p.requires_grad:
             kind = "trainable"
-        elif getattr(p, "quant_state", None) is not None or p.dtype in (torch.uint8, torch.int8):
+        elif _is_quantized(p):
             kind = "frozen quantized"
         else:
             kind = "frozen full precision"
         out[kind]["params"] += _logical_numel(p)
-        out[kind]["bytes"] += _param_bytes(p)
+        out[kind]["bytes"] += _param_bytes(p, seen_storage)
     return out
 
 
@@ -50,6 +91,11 @@ def memory_report(model: Any) -> tuple[list[tuple], tuple[str, ...]]:
 
     b = param_breakdown(model)
     total = sum(v["params"] for v in b.values())
-    rows = [(k, f"{v['params']:,}", f"{100 * v['params'] / max(total, 1):.2f}%", format_bytes(v["bytes"])) for k, v in b.items() if v["params"]]
-    rows.append(("total", f"{total:,}", "100%", format_bytes(sum(v["bytes"] for v in b.values()))))
-    return rows, ("kind", "params", "share", "bytes")
+    total_bytes = sum(v["bytes"] for v in b.values())
+
+    def per(v: dict) -> str:
+        return f"{v['bytes'] / v['params']:.3f}" if v["params"] else "-"
+
+    rows = [(k, f"{v['params']:,}", f"{100 * v['params'] / max(total, 1):.2f}%", format_bytes(v["bytes"]), per(v)) for k, v in b.items() if v["params"]]
+    rows.append(("total", f"{total:,}", "100%", format_bytes(total_bytes), per({"params": total, "bytes": total_bytes})))
+    return rows, ("kind", "params", "share", "bytes", "bytes/param")

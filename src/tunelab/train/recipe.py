@@ -107,6 +107,13 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         rep.warn(f"{len(data.skipped)} bad records skipped (data.on_error: skip), first: {data.skipped[:3]}")
     _audit(cfg, renderer, data, rep)
     rep.table("parameters", *memory_report(model))
+    if cfg.method == "qlora" and data.eval and ckpt is None:
+        # What NF4 costs: the base's eval loss quantized vs unquantized (loads the latter briefly).
+        from ..models.quantize import report_quantization_cost
+
+        if accelerator.is_main_process:
+            report_quantization_cost(cfg, model, data.eval, device, tokenizer.pad_token_id or 0, rep.info, rep.warn, run_dir)
+        accelerator.wait_for_everyone()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999))
