@@ -99,6 +99,8 @@ class TrainConfig:
     trained_logits_only: bool = _f(True, "Compute lm_head and cross-entropy only at positions whose labels are trained.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     eval_batch_size: Optional[int] = _f(None, "Eval micro-batch size; default: batch_size.")
+    fused_decoder: bool = _f(True, "Fast path for Llama-family models (llama, mistral, qwen2) with a frozen base (LoRA): decoder layers with a hand-written backward, examples packed without padding (attention stays within each example), q/k/v as one matmul. Same loss and gradients as the transformers forward up to fp32 rounding; other models fall back to it. Needs trained_logits_only.")
+    max_tokens_per_pass: Optional[int] = _f(1024, "Split each micro-batch into forward/backward passes of at most this many real tokens (an example longer than that is a pass of its own). Gradients add up to the same step; activation memory stays bounded whatever batch_size and length. null: one pass per micro-batch.")
 
 
 @dataclass
@@ -166,6 +168,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _build(tp, value, where)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" in choices or "on" in choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare `off` as false
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))

@@ -17,7 +17,7 @@ from typing import Optional
 
 from .artifacts import strip_markers
 from .findings import WARNING, FindingList
-from .normalize import normalize, split_prompt
+from .normalize import TextViews, normalize, split_prompt
 from .reader import AuditRecord
 
 SECTION = "balance"
@@ -72,7 +72,7 @@ def label_text(rec: AuditRecord) -> Optional[str]:
     return strip_markers(last["content"]).strip() if last else None
 
 
-def analyze(records: list[AuditRecord], threshold: float = 10.0, max_labels: int = 50, min_records: int = 200) -> BalanceResult:
+def analyze(records: list[AuditRecord], views: TextViews, threshold: float = 10.0, max_labels: int = 50, min_records: int = 200) -> BalanceResult:
     res = BalanceResult(threshold)
     train = [r for r in records if r.split == "train" and r.conv is not None]
     by_task: dict[str, list[AuditRecord]] = defaultdict(list)
@@ -89,6 +89,8 @@ def analyze(records: list[AuditRecord], threshold: float = 10.0, max_labels: int
             raw = {r.idx: str(r.data.get("label")) for r in rs if r.idx in explicit}
             source = "label field"
         else:
+            if len(rs) < min_records or len({views.completion_key[r.idx] for r in rs}) > 2 * max_labels:
+                continue  # free-text completions (cheap test on the normalized completions first)
             raw = {r.idx: label_text(r) for r in rs}
             raw = {i: v for i, v in raw.items() if v is not None}
             source = "completion"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,11 +31,14 @@ class AuditOptions:
     near_dup_threshold: float = 0.8  # Jaccard over word shingles
     shingle_size: int = 1  # words per shingle (see neardup.py for why 1)
     num_perm: int = 128  # MinHash permutations
+    boilerplate_df: Optional[float] = 0.9  # per file, words in at least this share of records are a template: not shingled
+    lsh_index: str = "numpy"  # "numpy" (vectorised banding) or "datasketch" (MinHashLSH): the same buckets
     near_dups: bool = True
     imbalance_threshold: float = 10.0  # warn when max/min class count exceeds this
     label_max_distinct: int = 50  # completions count as labels when a task has at most this many distinct ones...
     label_min_records: int = 200  # ...over at least this many records
     max_seq_len: Optional[int] = 1024
+    length_sample: Optional[int] = 20000  # tokenize a sample of this many (+ every record that may not fit); None: all
     train_on: str = "assistant"
     sample: int = 100  # spot-check records
     spot_check_path: Optional[str] = None  # None: no spot-check file
@@ -56,14 +60,21 @@ def load_renderer(model: str, template: str = "auto", trust_remote_code: bool = 
     """(Renderer, info) for a model's tokenizer; (None, info with the reason) when it cannot load,
     so that the audit can fall back to word counts and say so."""
     from ..data.render import Renderer
-    from ..models.load import load_tokenizer, resolve_model_path
 
     try:
-        tok = load_tokenizer(resolve_model_path(model), trust_remote_code)
+        tok = _tokenizer(model, trust_remote_code)
         r = Renderer(tok, template)
     except Exception as e:  # any failure: missing package, hub unreachable, no chat template
         return None, {"model": model, "template": template, "unit": "words", "error": f"{type(e).__name__}: {e}"}
     return r, renderer_info(r, model)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str, trust_remote_code: bool) -> Any:
+    """Loaded once per process (loading takes seconds; the CLI tests audit many times)."""
+    from ..models.load import load_tokenizer, resolve_model_path
+
+    return load_tokenizer(resolve_model_path(model), trust_remote_code)
 
 
 def renderer_info(renderer: Any, model: Optional[str] = None) -> dict:
@@ -116,6 +127,15 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
     found = schema.findings(tally)
     lap("read_and_schema")
 
+    # Token counting is mostly the tokenizer's Rust code, which releases the GIL: the texts
+    # are prepared here and tokenized in a thread while the checks below run in this one.
+    token_job = None
+    if renderer is not None:
+        from .tokens import TokenJob
+
+        token_job = TokenJob(records, renderer, opts.train_on, opts.max_seq_len, seed=opts.seed, sample_size=opts.length_sample)
+        lap("tokens_prepare")
+
     # 2. normalized views, exact duplicates, conflicts
     views = build_views(records)
     lap("normalize")
@@ -126,13 +146,14 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
     # 3. near-duplicates and leakage
     near = None
     if opts.near_dups:
-        near = neardup.find_near_duplicates(records, views, opts.near_dup_threshold, opts.shingle_size, opts.num_perm, seed=1)
+        near = neardup.find_near_duplicates(records, views, opts.near_dup_threshold, opts.shingle_size, opts.num_perm, seed=1,
+                                             boilerplate_df=opts.boilerplate_df, index=opts.lsh_index)
         found += neardup.findings(near, records)
     found += dedup.leakage_finding(dups.leaks, near.leaks if near else [], records)
     lap("near_duplicates")
 
     # 4. balance, 5. artifacts
-    bal = balance.analyze(records, opts.imbalance_threshold, opts.label_max_distinct, opts.label_min_records)
+    bal = balance.analyze(records, views, opts.imbalance_threshold, opts.label_max_distinct, opts.label_min_records)
     found += balance.findings(bal)
     lap("balance")
     tok = renderer.tokenizer if renderer is not None else None
@@ -141,10 +162,9 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
     lap("artifacts")
 
     # 6. lengths in tokens of the rendered template
-    if renderer is not None:
-        from .tokens import count_tokens
-
-        tc = count_tokens(records, renderer, opts.train_on, opts.max_seq_len, seed=opts.seed)
+    if token_job is not None:
+        tc = token_job.result()  # this stage's time is the wait for the tokenizer thread
+        timings["tokens_elapsed"] = tc.seconds
     else:
         tc = lengths.word_counts(records, views, opts.max_seq_len)
         if tokenizer_info and tokenizer_info.get("error"):
@@ -174,8 +194,8 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
     }
     settings = opts.to_dict()
     settings["data"] = [{"path": s.path, "split": s.split, "format": s.format, "name": s.name} for s in sources]
-    timings["total"] = round(sum(timings.values()), 3)
+    timings["total"] = round(sum(v for k, v in timings.items() if k != "tokens_elapsed"), 3)
     info = tokenizer_info or (renderer_info(renderer) if renderer is not None else {"unit": "words"})
     return AuditReport(settings, info, files, list(found), sections, timings, records,
-                       {"tally": tally, "dups": dups, "near": near, "balance": bal, "artifacts": art, "lengths": lst})
+                       {"tally": tally, "issues": issues, "dups": dups, "near": near, "balance": bal, "artifacts": art, "lengths": lst})
 

@@ -29,7 +29,7 @@ from .schema import untrainable_ids
 @dataclass
 class FixResult:
     outputs: list[str] = field(default_factory=list)
-    read: int = 0  # train records read
+    read: int = 0  # train records read (lines that are not JSON are not records)
     written: int = 0
     removed: Counter = field(default_factory=Counter)  # reason -> count
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> example ids
@@ -146,11 +146,19 @@ def write_fixed(report: AuditReport, out: str | Path, balance: Optional[str] = N
     res.read = len(train)
     kept = []
     for r in train:
-        if r.idx in drop or r.data is None:
-            reason, detail = drop.get(r.idx, ("cannot be trained (invalid JSON)", ""))
+        if r.idx in drop:
+            reason, detail = drop[r.idx]
             res._drop(reason, r, detail)
         else:
             kept.append(r)
+    # Lines that never became records (not JSON) cannot be copied: say so.
+    train_files = {f.path for f in report.files if f.split == "train"}
+    for issue in report.results.get("issues", []):
+        if issue.code == "invalid_json" and issue.where.rsplit(":", 1)[0] in train_files:
+            res.removed["line is not valid JSON"] += 1
+            res.examples.setdefault("line is not valid JSON", [])
+            if len(res.examples["line is not valid JSON"]) < 5:
+                res.examples["line is not valid JSON"].append(issue.where)
     if balance:
         kept = _balance(kept, report, balance, seed, balance_ratio, res)
     by_out: dict[Path, list[AuditRecord]] = defaultdict(list)

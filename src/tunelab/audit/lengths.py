@@ -72,6 +72,8 @@ class LengthStats:
     slow: int = 0
     seconds: float = 0.0
     by_split: Optional[dict] = None
+    sampled: bool = False
+    within_bound: int = 0
 
     def to_dict(self, records: list[AuditRecord]) -> dict:
         return {
@@ -79,6 +81,8 @@ class LengthStats:
             "max_seq_len": self.max_seq_len,
             "truncation_model": "right truncation at max_seq_len (the model sees the first max_seq_len tokens)",
             "records_counted": self.counted,
+            "percentiles_sampled": self.sampled,
+            "records_within_bound": self.within_bound,
             "prompt": self.prompt,
             "completion": self.completion,
             "total": self.total,
@@ -99,16 +103,18 @@ class LengthStats:
 
 
 def stats(tc: TokenCounts, records: list[AuditRecord]) -> LengthStats:
-    ok = tc.total >= 0
-    idx = np.flatnonzero(ok)
-    total, trained = tc.total[idx], tc.trained[idx]
-    prompt = total - trained
+    idx = np.flatnonzero(tc.total >= 0)
     over, partly, entirely = [], [], []
     if tc.max_seq_len is not None:
+        # Every record over the limit is among the counted ones (the rest provably fit).
+        total, trained, kept = tc.total[idx], tc.trained[idx], tc.kept_trained[idx]
         over = idx[total > tc.max_seq_len].tolist()
-        kept = tc.kept_trained[idx]
         partly = idx[(kept > 0) & (kept < trained)].tolist()
         entirely = idx[(kept == 0) & (trained > 0)].tolist()
+    if tc.sample is not None:  # percentiles describe the random sample, not the records picked by the bound
+        idx = tc.sample
+    total, trained = tc.total[idx], tc.trained[idx]
+    prompt = total - trained
     by_split = None
     splits = {r.split for r in records}
     if len(splits) > 1:
@@ -116,9 +122,19 @@ def stats(tc: TokenCounts, records: list[AuditRecord]) -> LengthStats:
         for s in sorted(splits):
             sel = np.array([records[i].split == s for i in idx], dtype=bool)
             by_split[s] = {"records": int(sel.sum()), "total": _pct(total[sel]),
-                           "over_max_seq_len": int((total[sel] > tc.max_seq_len).sum()) if tc.max_seq_len else 0}
-    return LengthStats(tc.unit, tc.max_seq_len, len(idx), _pct(prompt), _pct(trained), _pct(total), over, partly, entirely,
-                       tc.note, tc.fast, tc.slow, tc.seconds, by_split)
+                           "over_max_seq_len": sum(1 for i in over if records[i].split == s)}
+    note = tc.note
+    if tc.sample is not None:
+        n_conv = sum(1 for r in records if r.conv is not None)
+        note = (note + "; " if note else "") + (
+            f"percentiles from a seeded random sample of {len(tc.sample)} of {n_conv} records; "
+            f"{tc.within_bound} records were not tokenized because their byte length proves they fit max_seq_len, "
+            "so the counts over the limit are exact")
+    st = LengthStats(tc.unit, tc.max_seq_len, len(idx), _pct(prompt), _pct(trained), _pct(total), over, partly, entirely,
+                     note, tc.fast, tc.slow, tc.seconds, by_split)
+    st.sampled = tc.sample is not None
+    st.within_bound = tc.within_bound
+    return st
 
 
 def findings(st: LengthStats, records: list[AuditRecord], tc: TokenCounts) -> FindingList:

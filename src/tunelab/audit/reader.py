@@ -57,6 +57,7 @@ class FileInfo:
     field_sets: Counter = field(default_factory=Counter)  # tuple(sorted keys) -> count
     error: Optional[str] = None  # a file-level problem (unreadable, invalid JSON array)
     bad_utf8_lines: set = field(default_factory=set)
+    issues: int = 0  # reading problems reported for this file
 
     def to_dict(self) -> dict:
         return {
@@ -124,6 +125,7 @@ def read_file(path: str, split: str, declared_format: str, task: Optional[str], 
     p = Path(path)
     info = FileInfo(path=str(p), split=split, declared_format=declared_format, task=task or p.stem)
     records: list[AuditRecord] = []
+    before = len(issues)
     suffix = p.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
@@ -144,4 +146,5 @@ def read_file(path: str, split: str, declared_format: str, task: Optional[str], 
         info.error = f"{p}: {e.strerror or e}"
         issues.append(Issue(str(p), "file_unreadable", f"cannot read the file ({e.strerror or e})"))
     info.records = len(records)
+    info.issues = sum(1 for i in issues[before:])
     return info, records

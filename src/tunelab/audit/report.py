@@ -88,6 +88,23 @@ class AuditReport:
 
         atomic_write_text(Path(path), self.to_json() + "\n")
 
+    def grouped(self) -> list[tuple[Finding, int, int]]:
+        """(first finding, number of findings, total count) per code, in report order:
+        ten single-label tasks make one line of a summary, not ten."""
+        out: dict[str, list] = {}
+        for f in self.findings:
+            if f.code in out:
+                out[f.code][1] += 1
+                out[f.code][2] += f.count
+            else:
+                out[f.code] = [f, 1, f.count]
+        return [tuple(v) for v in out.values()]
+
+    @staticmethod
+    def _one_line(f: Finding, n: int) -> str:
+        msg = f.message if n == 1 else f"{n}x, e.g. {f.message}"
+        return " ".join(msg.split())
+
     # -- text ----------------------------------------------------------------------------
     def _headline(self) -> str:
         s = self.summary
@@ -125,12 +142,12 @@ class AuditReport:
         if (ll := self._lengths_line()) is not None:
             lines.append(ll)
         lines.append(self._dups_line())
-        for f in self.findings[:max_findings]:
-            ex = f" e.g. {f.examples[0]}" if f.examples else ""
-            line = f"  {f.severity.upper():7} {f.code}: {f.message}{ex}"
+        groups = self.grouped()
+        for f, n, total in groups[:max_findings]:
+            line = f"  {f.severity.upper():7} {f.code} ({total}): {self._one_line(f, n)}"
             lines.append(line if len(line) <= width else line[: width - 1] + "…")
-        if len(self.findings) > max_findings:
-            lines.append(f"  ... and {len(self.findings) - max_findings} more findings (tunelab audit for the full report)")
+        if len(groups) > max_findings:
+            lines.append(f"  ... and {len(groups) - max_findings} more kinds of findings (tunelab audit for the full report)")
         lines.append(self._verdict())
         return "\n".join(lines)
 
@@ -141,22 +158,26 @@ class AuditReport:
         from rich.table import Table
         from rich.text import Text
 
-        t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-        t.add_column("severity")
-        t.add_column("finding")
-        t.add_column("count", justify="right")
-        t.add_column("what", overflow="fold", max_width=80)
-        t.add_column("e.g.", overflow="fold", max_width=40)
-        for f in self.findings[:12]:
-            t.add_row(Text(f.severity, style=_STYLE[f.severity]), f.code, str(f.count), f.message, f.examples[0] if f.examples else "")
+        # One line per kind of finding: the message column takes what the others leave.
+        t = Table(show_header=True, header_style="bold", box=None, pad_edge=False, expand=True)
+        t.add_column("severity", no_wrap=True)
+        t.add_column("finding", no_wrap=True, max_width=26, overflow="ellipsis")
+        t.add_column("count", justify="right", no_wrap=True)
+        t.add_column("what (tunelab audit for the full report)", no_wrap=True, overflow="ellipsis", ratio=1, min_width=10)
+        groups = self.grouped()
+        for f, n, total in groups[:12]:
+            t.add_row(Text(f.severity, style=_STYLE[f.severity]), f.code, str(total), self._one_line(f, n))
         parts: list[Any] = [Text(self._headline(), style="bold")]
         if (ll := self._lengths_line()) is not None:
             parts.append(Text(ll))
         parts.append(Text(self._dups_line()))
         if self.findings:
             parts.append(t)
-        if len(self.findings) > 12:
-            parts.append(Text(f"... and {len(self.findings) - 12} more findings (run tunelab audit for the full report)"))
+        if len(groups) > 12:
+            parts.append(Text(f"... and {len(groups) - 12} more kinds of findings"))
+        sc = self.sections.get("spot_check")
+        if sc and sc.get("path"):
+            parts.append(Text(f"spot check: {sc['records']} records in {sc['path']}"))
         parts.append(Text(self._verdict(), style="bold red" if self.has_errors else "bold green"))
         return Group(*parts)
 

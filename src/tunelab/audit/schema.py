@@ -41,12 +41,13 @@ FIXES = {
     "unconvertible_record": "Fix the record as the message says, or drop it (--fix drops it).",
     "control_characters": "Remove the control characters (e.g. re.sub(r'[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]', '', s)).",
     "replacement_character": "The text was decoded from bad bytes upstream (U+FFFD); re-export it from the source as UTF-8.",
+    "empty_file": "Point the dataset at a file with records (training refuses an empty file).",
 }
 SEVERITY = {
     "invalid_json": ERROR, "invalid_utf8": ERROR, "file_unreadable": ERROR, "not_an_object": ERROR,
     "unknown_format": ERROR, "format_mismatch": ERROR, "missing_field": ERROR, "non_string_field": ERROR,
     "numeric_field": WARNING, "empty_field": WARNING, "empty_completion": ERROR, "unconvertible_record": ERROR,
-    "control_characters": WARNING, "replacement_character": WARNING,
+    "control_characters": WARNING, "replacement_character": WARNING, "empty_file": ERROR,
 }
 MESSAGES = {
     "invalid_json": "lines that are not valid JSON",
@@ -63,6 +64,7 @@ MESSAGES = {
     "unconvertible_record": "records the training loader rejects",
     "control_characters": "records with control characters in their text",
     "replacement_character": "records with U+FFFD replacement characters (text decoded from bad bytes)",
+    "empty_file": "files that hold no records",
 }
 # Record-level problems that make a record untrainable: --fix drops these records.
 UNTRAINABLE = ("not_an_object", "unknown_format", "format_mismatch", "missing_field", "non_string_field",
@@ -141,6 +143,7 @@ def _check_text(tally: Tally, rec: AuditRecord, bad_utf8: bool) -> None:
     else:
         texts = [m["content"] for m in rec.conv.messages]
     found = set()
+    controls: set[str] = set()
     for s in texts:
         for m in _SUSPECT.finditer(s):
             c = m.group()
@@ -150,18 +153,24 @@ def _check_text(tally: Tally, rec: AuditRecord, bad_utf8: bool) -> None:
                 found.add("replacement_character")
             else:
                 found.add("control_characters")
-            if len(found) == 3:
-                break
+                controls.add(f"U+{ord(c):04X}")
     if bad_utf8:  # already reported by the reader; its U+FFFD are the repair, not a new problem
         found.discard("replacement_character")
         found.discard("invalid_utf8")
     for code in sorted(found):
-        detail = "lone surrogate (\\ud800-\\udfff escape)" if code == "invalid_utf8" else None
+        detail = {"invalid_utf8": "lone surrogate (\\ud800-\\udfff escape)",
+                  "control_characters": " ".join(sorted(controls)[:3])}.get(code)
         tally.hit(code, rec.where, detail, rec.idx)
+
+
+def _untrainable(tally: Tally, idx: int) -> bool:
+    return any(idx in tally.ids.get(c, ()) for c in UNTRAINABLE)
 
 
 def check_and_convert(records: list[AuditRecord], info: FileInfo, tally: Tally) -> None:
     """Detect the file's format, check each record's fields, convert it (sets rec.conv)."""
+    if not records and info.error is None and not info.issues:
+        tally.hit("empty_file", f"{info.path}:1", info.path)
     fmt: Optional[str] = None if info.declared_format == "auto" else info.declared_format
     for rec in records:
         d = rec.data
@@ -184,7 +193,6 @@ def check_and_convert(records: list[AuditRecord], info: FileInfo, tally: Tally) 
             tally.hit("unknown_format", rec.where, ", ".join(sorted(map(str, d)))[:80] or "no keys", rec.idx)
             _check_text(tally, rec, bad_utf8)
             continue
-        before = sum(tally.count[c] for c in UNTRAINABLE)
         if not any(all(k in d for k in alt) for alt in FORMAT_KEYS[fmt]):
             own = detect_format(set(d))
             if own is not None:
@@ -214,7 +222,7 @@ def check_and_convert(records: list[AuditRecord], info: FileInfo, tally: Tally) 
             rec.fmt = fmt
             rec.task = rec.conv.task
         except DataError as e:
-            if sum(tally.count[c] for c in UNTRAINABLE) == before:  # not yet explained by a field check
+            if not _untrainable(tally, rec.idx):  # not yet explained by a field check
                 msg = str(e)[len(e.where) + 2:] if str(e).startswith(e.where) else str(e)
                 tally.hit("unconvertible_record", rec.where, msg.split(";")[0][:100], rec.idx)
             else:
@@ -225,7 +233,9 @@ def check_and_convert(records: list[AuditRecord], info: FileInfo, tally: Tally) 
 
 def issues_to_tally(issues: list[Issue], tally: Tally) -> None:
     for i in issues:
-        tally.hit(i.code, i.where, i.message.split(" (")[0] if i.code != "file_unreadable" else i.message)
+        # "invalid JSON (Expecting value at column 3)" -> "Expecting value": groups alike errors
+        m = re.search(r"\((.*?)(?: at (?:column|byte) \d+.*)?\)", i.message)
+        tally.hit(i.code, i.where, m.group(1) if m and i.code != "file_unreadable" else i.message)
 
 
 def findings(tally: Tally) -> FindingList:

@@ -1,9 +1,10 @@
-"""Batch order (seeded, length-grouped) and collation (right padding, masked by position)."""
+"""Batch order (seeded, length-grouped), splitting by tokens, and collation (right padding,
+masked by position, untrained tails dropped)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -51,19 +52,64 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def collate(examples: Sequence[EncodedExample], pad_id: int, pad_to_multiple: int = 1) -> Batch:
+def trained_length(e: EncodedExample) -> int:
+    """Tokens of ``e`` that can affect its loss: up to its last trained label.
+
+    A causal model's output at position t depends on tokens 0..t only, and the last trained
+    label is predicted at the position before it, so later tokens (e.g. the newline a chat
+    template adds after the end-of-turn token) change nothing but the cost. An example with no
+    trained label keeps its full length (it is evaluated as is).
+    """
+    labels = e.labels
+    j = len(labels) - 1
+    while j > 0 and labels[j] == IGNORE:
+        j -= 1
+    return j + 1 if labels[j] != IGNORE else len(labels)
+
+
+def split_by_tokens(examples: Sequence[EncodedExample], max_tokens: Optional[int], trim: bool = True) -> list[list[EncodedExample]]:
+    """Cut a micro-batch into consecutive parts of at most ``max_tokens`` real tokens each, as
+    evenly as possible (an example longer than that is a part on its own). The parts are run
+    as separate forward/backward passes whose gradients add up: the same loss and gradients as
+    the whole micro-batch, with activation memory bounded by ``max_tokens``."""
+    examples = list(examples)
+    if not max_tokens or len(examples) <= 1:
+        return [examples]
+    lens = [trained_length(e) if trim else len(e) for e in examples]
+    total = sum(lens)
+    if total <= max_tokens:
+        return [examples]
+    k = -(-total // max_tokens)
+    target = total / k
+    parts: list[list[EncodedExample]] = []
+    cur: list[EncodedExample] = []
+    acc = 0
+    for e, n in zip(examples, lens):
+        if cur and (acc + n > max_tokens or (acc + n / 2 > target and len(parts) < k - 1)):
+            parts.append(cur)
+            cur, acc = [], 0
+        cur.append(e)
+        acc += n
+    parts.append(cur)
+    return parts
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int, pad_to_multiple: int = 1, trim: bool = True) -> Batch:
     """Right-pad to the longest example. Padding is masked by position (attention_mask=0,
-    label=IGNORE), never by token id, so pad == eos cannot hide a trained eos."""
-    T = max(len(e) for e in examples)
+    label=IGNORE), never by token id, so pad == eos cannot hide a trained eos.
+
+    ``trim`` drops each example's tokens after its last trained label (see
+    :func:`trained_length`): the loss and gradients are unchanged, the compute is not spent."""
+    lens = [trained_length(e) if trim else len(e) for e in examples]
+    T = max(lens)
     if pad_to_multiple > 1:
         T = -(-T // pad_to_multiple) * pad_to_multiple
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e)
-        ids[i, :n] = torch.tensor(e.input_ids)
+    for i, (e, n) in enumerate(zip(examples, lens)):
+        ids[i, :n] = torch.tensor(e.input_ids[:n])
         mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(e.labels)
+        labels[i, :n] = torch.tensor(e.labels[:n])
     return Batch(ids, mask, labels)

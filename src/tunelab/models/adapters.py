@@ -57,6 +57,16 @@ def resolve_targets(spec: str | list[str], model: Any) -> str | list[str]:
     return targets
 
 
+def linear_module_names(model: Any) -> list[str]:
+    """What peft's ``all-linear`` selects, as names: every linear layer but the output head."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return sorted({
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head and name.rsplit(".", 1)[-1] != "lm_head"
+    })
+
+
 def peft_lora_config(cfg: Config, model: Any) -> Any:
     from peft import LoraConfig, TaskType
 
@@ -67,15 +77,19 @@ def peft_lora_config(cfg: Config, model: Any) -> Any:
             stacklevel=2,
         )
     layers = resolve_layers(cfg.lora.layers, num_layers(model))
+    targets = resolve_targets(cfg.lora.targets, model)
     kw: dict[str, Any] = {}
     if layers is not None:
         kw.update(layers_to_transform=layers, layers_pattern="layers")
+        if targets == "all-linear":
+            # peft refuses layers_to_transform with a string target: name the modules instead
+            targets = linear_module_names(model)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=cfg.lora.rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=resolve_targets(cfg.lora.targets, model),
+        target_modules=targets,
         bias="none",
         **kw,
     )

@@ -22,8 +22,8 @@ dequantized base for ``tunelab merge``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -33,7 +33,6 @@ import torch
 from ..config import Config
 from .load import compute_dtype, load_model, resolve_model_path
 
-log = logging.getLogger("tunelab")
 
 NF4_BLOCKSIZE = 64  # bitsandbytes' default for 4-bit (Params4bit / quantize_4bit); checked on load
 NESTED_BLOCKSIZE = 256  # double quantization: absmaxes quantized to 8 bits in blocks of 256
@@ -171,7 +170,7 @@ def _eval_loss(model: Any, examples: Sequence[Any], device: torch.device, pad_id
     was_training = model.training
     model.eval()  # no LoRA dropout
     try:
-        with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else _null()):
+        with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()):
             for s in range(0, len(order), batch_size):
                 b = collate([examples[i] for i in order[s:s + batch_size]], pad_id).to(device)
                 loss_sum, n = loss_fn(b.input_ids, b.attention_mask, b.labels)
@@ -180,14 +179,6 @@ def _eval_loss(model: Any, examples: Sequence[Any], device: torch.device, pad_id
     finally:
         model.train(was_training)
     return total / max(n_tok, 1)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> bool:
-        return False
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -227,7 +218,7 @@ def quantization_cost(cfg: Config, nf4_model: Any, eval_examples: Sequence[Any],
     tlo = cfg.train.trained_logits_only
 
     disable = getattr(nf4_model, "disable_adapter", None)
-    with (disable() if callable(disable) else _null()):
+    with (disable() if callable(disable) else contextlib.nullcontext()):
         loss_nf4 = _eval_loss(nf4_model, eval_examples, device, pad_id, bs, dtype, tlo)
 
     need = _logical_params(nf4_model) * torch.tensor([], dtype=dtype).element_size()

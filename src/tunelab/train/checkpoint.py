@@ -101,6 +101,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     missing = [k for k in weights if k not in params]
     if missing:
         raise ValueError(f"{path}: checkpoint has parameters the model lacks ({missing[:3]}...); was the config changed?")
+    # the other direction too: a trainable parameter the checkpoint lacks would silently
+    # keep its fresh initialisation (e.g. lora.targets widened between the runs)
+    absent = [k for k, p in params.items() if p.requires_grad and k not in weights]
+    if absent:
+        raise ValueError(f"{path}: the model has trainable parameters the checkpoint lacks ({absent[:3]}...); was the config changed?")
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))

@@ -1,16 +1,34 @@
-"""Next-token cross-entropy summed over trained positions only.
+"""Next-token cross-entropy summed over trained positions only, and the fast path that computes it.
 
 The recipe divides the sum by the number of trained tokens in the whole effective batch
 (all micro-batches of an optimizer step, all processes), so the loss is the mean over
 trained tokens, not a mean of per-example or per-micro-batch means that over-weights
 short completions and skews with gradient accumulation.
 
-Fast path (``trained_logits_only``): run the decoder, keep the hidden states of positions
-whose next token is trained, and apply lm_head there only. With completions around half the
-tokens and a 49k vocabulary, that skips most of the largest matmul and its (B, T, V) logits.
+Three levels, each switchable in ``TrainConfig``:
+
+* reference (``trained_logits_only: false``): the transformers forward, full ``(B, T, V)``
+  logits, ``F.cross_entropy``. Plain and slow; the tests compare the fast path against it.
+* trained logits only: the transformers decoder, then lm_head + cross-entropy only at the
+  positions whose next token is trained, in row chunks, by :class:`LinearCrossEntropy`, which
+  computes the gradient of each chunk in the forward pass and keeps only that ``(N, H)``
+  gradient: memory for logits is one chunk, whatever the batch.
+* fused decoder (``fused_decoder: true``, the default, for Llama-family models with a frozen
+  base and LoRA or no adapters): the decoder layers written out with their backward
+  (:class:`FusedLlama`). Padding is dropped (examples are packed end to end, attention stays
+  within each example: one causal flash-attention call per example, so no token attends across
+  examples and no compute goes to padding); q/k/v are one matmul; RoPE is one complex multiply
+  (q/k rows are permuted to interleaved pairs, which attention does not see); RMSNorm, SiLU and
+  LoRA dropout use a few fused passes; backward saves ~24 KB per token per layer (fp32) instead
+  of what autograd keeps for the transformers layer. Numerically it is the same computation
+  (fp32 rounding aside); models it does not support fall back to the transformers decoder.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +36,8 @@ from torch import nn
 
 from ..data.render import IGNORE
 
-CE_CHUNK_ROWS = 2048  # rows of logits materialised at once: 2048 x 49k x 4 B = 400 MB max
+# Rows of logits materialised at once: 512 x 49k x 4 B = 100 MB for SmolLM2's vocabulary.
+CE_CHUNK_ROWS = 512
 
 
 def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -27,16 +46,529 @@ def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+# --------------------------------------------------------------------------- lm_head + CE
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i) without keeping any logits for backward.
+
+    Rows are processed ``chunk`` at a time: logits, log-softmax, loss; and when a gradient is
+    needed, ``softmax - onehot`` is turned into this chunk's ``dL/dh`` (and ``dL/dW`` when W
+    trains) right away. Backward just scales the saved gradients. Log-softmax is in fp32 whatever
+    the matmul dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = h.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for s in range(0, n, chunk):
+            hc, yc = h[s:s + chunk], targets[s:s + chunk]
+            logits = hc @ weight.t()
+            lsm = torch.log_softmax(logits.float(), dim=-1)
+            del logits
+            picked = lsm.gather(1, yc[:, None])
+            loss += -picked.sum()
+            if need_h or need_w:
+                p = lsm.exp_()  # softmax, in place
+                p.scatter_add_(1, yc[:, None], torch.full_like(picked, -1.0))  # softmax - onehot
+                p = p.to(weight.dtype)
+                if need_h:
+                    torch.mm(p, weight, out=dh[s:s + chunk])
+                if need_w:
+                    dw.addmm_(p.t().float(), hc.float())
+            del lsm
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(dh, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        dh, dw = ctx.saved_tensors
+        dh = dh * g.to(dh.dtype) if dh is not None else None
+        dw = (dw * g).to(ctx.weight_dtype) if dw is not None else None
+        return dh, dw, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CE_CHUNK_ROWS) -> torch.Tensor:
+    """Sum of token cross-entropies of ``h @ weight.T`` against ``targets`` (all trained)."""
+    return LinearCrossEntropy.apply(h, weight, targets, chunk)
+
+
+# --------------------------------------------------------------------------- the fused decoder
+
+class Unsupported(Exception):
+    """The fused decoder cannot run this model; the message says why."""
+
+
+@dataclass
+class _Lora:
+    A: torch.Tensor  # (r, in), trainable
+    B: torch.Tensor  # (out, r), trainable
+    scaling: float
+    p: float  # dropout probability on the adapter input (0 in eval)
+
+
+@dataclass
+class _Proj:
+    weight: torch.Tensor  # frozen (out, in)
+    bias: Optional[torch.Tensor]
+    lora: Optional[_Lora]
+
+
+def _proj(module: nn.Module) -> _Proj:
+    """A (frozen base, optional LoRA) view of a linear module, plain or peft-wrapped."""
+    if type(module) is nn.Linear:
+        base, lora = module, None
+    else:
+        base = getattr(module, "base_layer", None)
+        if type(base) is not nn.Linear or not hasattr(module, "lora_A"):
+            raise Unsupported(f"{type(module).__name__} is neither nn.Linear nor a peft LoRA Linear")
+        if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+            lora = None  # peft then runs the base layer alone, and so do we
+        else:
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if len(active) > 1:
+                raise Unsupported("more than one active LoRA adapter")
+            lora = None
+            if active:
+                name = active[0]
+                if getattr(module, "use_dora", {}).get(name) or name in getattr(module, "lora_variant", {}):
+                    raise Unsupported("LoRA variants (DoRA, ...)")
+                a_lin, b_lin = module.lora_A[name], module.lora_B[name]
+                if type(a_lin) is not nn.Linear or type(b_lin) is not nn.Linear or a_lin.bias is not None or b_lin.bias is not None:
+                    raise Unsupported("LoRA adapters with biases or non-linear A/B")
+                drop = module.lora_dropout[name]
+                p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+                if not isinstance(drop, (nn.Dropout, nn.Identity)):
+                    raise Unsupported(f"LoRA dropout module {type(drop).__name__}")
+                lora = _Lora(a_lin.weight, b_lin.weight, float(module.scaling[name]), p)
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        raise Unsupported("the base weights train (full fine-tuning)")
+    if base.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise Unsupported(f"base weight dtype {base.weight.dtype} (quantized?)")
+    return _Proj(base.weight, base.bias, lora)
+
+
+def _mask(shape: tuple[int, int], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Keep-mask with P(drop) = p (to 1/65536) from 16-bit draws: 4 per 64-bit random word, which is
+    2-4x cheaper than ``bernoulli_``. Returns (mask, 1 / P(keep))."""
+    n = shape[0] * shape[1]
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    r = words.view(torch.int16)[:n].view(shape)
+    t = int(round(p * 65536))
+    return r >= (t - 32768), 65536.0 / (65536 - t)
+
+
+class _LoraFwd:
+    """One adapter's forward pieces kept for backward: mask and A-output (N, r)."""
+
+    __slots__ = ("mask", "inv_keep", "a")
+
+    def __init__(self, mask, inv_keep, a):
+        self.mask, self.inv_keep, self.a = mask, inv_keep, a
+
+
+def _lora_forward(x: torch.Tensor, lo: _Lora, out: torch.Tensor, row_perm: Optional[torch.Tensor] = None) -> _LoraFwd:
+    """out += scaling * dropout(x) @ A^T @ B^T (B's rows permuted like the base rows when asked)."""
+    mask, inv_keep = None, 1.0
+    xin = x.to(lo.A.dtype)
+    if lo.p > 0:
+        mask, inv_keep = _mask(tuple(x.shape), lo.p, x.device)
+        xin = torch.where(mask, xin, 0.0)
+    a = xin @ (lo.A * inv_keep).t() if inv_keep != 1.0 else xin @ lo.A.t()
+    B = lo.B if row_perm is None else lo.B.index_select(0, row_perm)
+    delta = (a @ B.t()).mul_(lo.scaling)
+    out.add_(delta.to(out.dtype))
+    return _LoraFwd(mask, inv_keep, a)
+
+
+def _lora_backward(x: torch.Tensor, lo: _Lora, st: _LoraFwd, dout: torch.Tensor, dx: Optional[torch.Tensor],
+                   row_perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of A and B (returned) and, when ``dx`` is given, dx += d(adapter)/dx.
+    ``dout`` is in the permuted row order of the forward when ``row_perm`` is given."""
+    g = dout.to(lo.A.dtype)
+    B = lo.B if row_perm is None else lo.B.index_select(0, row_perm)  # as in forward
+    dB = (g.t() @ st.a).mul_(lo.scaling)
+    if row_perm is not None:
+        dB = dB.index_select(0, torch.argsort(row_perm))  # back to B's own row order
+    da = (g @ B).mul_(lo.scaling)  # (N, r)
+    xin = x.to(lo.A.dtype)
+    if st.mask is not None:
+        xin = torch.where(st.mask, xin, 0.0)
+    dA = (da.t() @ xin).mul_(st.inv_keep)
+    if dx is not None:
+        dxin = da @ lo.A
+        if st.mask is not None:
+            dxin = torch.where(st.mask, dxin, 0.0).mul_(st.inv_keep)
+        dx.add_(dxin.to(dx.dtype))
+    return dA, dB
+
+
+def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * rstd, rstd) with the statistics in fp32, like LlamaRMSNorm (before its weight)."""
+    xf = x.float()
+    rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).pow_(2).div_(x.shape[-1]).add_(eps).rsqrt_()
+    return (xf * rstd).to(x.dtype), rstd
+
+
+def _rms_backward(dxr: torch.Tensor, xr: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor) -> torch.Tensor:
+    """dres + d(x * rstd)/dx applied to dxr (in fp32): rstd * (dxr - xr * mean(dxr * xr))."""
+    d, r = dxr.float(), xr.float()
+    c = torch.linalg.vecdot(d, r).unsqueeze(-1).div_(d.shape[-1])
+    d.addcmul_(r, c, value=-1.0)
+    return torch.addcmul(dres.float(), d, rstd).to(dres.dtype)
+
+
+_flash = None
+_flash_bwd = None
+
+
+def _flash_ops():
+    global _flash, _flash_bwd
+    if _flash is None:
+        _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    return _flash, _flash_bwd
+
+
+@dataclass
+class _AttnSpec:
+    norm_w: torch.Tensor
+    eps: float
+    q: _Proj
+    k: _Proj
+    v: _Proj
+    o: _Proj
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    scale: float
+    perm_q: torch.Tensor  # row permutation: half-rotation layout -> interleaved pairs
+    perm_k: torch.Tensor
+    segments: list[tuple[int, int]]  # packed examples [start, end)
+
+
+def _rope_(t: torch.Tensor, freqs: torch.Tensor, heads: int, d: int) -> None:
+    """Rotate (N, heads * d) in place; rows are interleaved pairs (re, im) per frequency."""
+    n = t.shape[0]
+    if t.dtype == torch.float32:
+        c = torch.view_as_complex(t.view(n, heads, d // 2, 2))
+        c.mul_(freqs)
+    else:
+        c = torch.view_as_complex(t.float().view(n, heads, d // 2, 2).contiguous()) * freqs
+        t.copy_(torch.view_as_real(c).view(n, heads * d))
+
+
+def _attention_forward(qkv: torch.Tensor, sp: _AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    flash, _ = _flash_ops()
+    n = qkv.shape[0]
+    Q, K = sp.n_heads * sp.head_dim, sp.n_kv * sp.head_dim
+    q = qkv[:, :Q].view(n, sp.n_heads, sp.head_dim)
+    k = qkv[:, Q:Q + K].view(n, sp.n_kv, sp.head_dim)
+    v = qkv[:, Q + K:].view(n, sp.n_kv, sp.head_dim)
+    attn = torch.empty(n, sp.n_heads, sp.head_dim, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(sp.n_heads, n, dtype=torch.float32, device=qkv.device)
+    for s, e in sp.segments:
+        o, l = flash(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None], 0.0, True, scale=sp.scale)
+        attn[s:e].copy_(o[0].transpose(0, 1))
+        lse[:, s:e].copy_(l[0])
+    return attn.view(n, Q), lse
+
+
+def _attention_backward(dattn: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, lse: torch.Tensor, sp: _AttnSpec) -> torch.Tensor:
+    _, flash_bwd = _flash_ops()
+    n = qkv.shape[0]
+    Q, K = sp.n_heads * sp.head_dim, sp.n_kv * sp.head_dim
+    shape_q, shape_kv = (n, sp.n_heads, sp.head_dim), (n, sp.n_kv, sp.head_dim)
+    q, k, v = qkv[:, :Q].view(shape_q), qkv[:, Q:Q + K].view(shape_kv), qkv[:, Q + K:].view(shape_kv)
+    o, do = attn.view(shape_q), dattn.view(shape_q)
+    dqkv = torch.empty_like(qkv)
+    dq, dk, dv = dqkv[:, :Q].view(shape_q), dqkv[:, Q:Q + K].view(shape_kv), dqkv[:, Q + K:].view(shape_kv)
+    t = lambda x, s, e: x[s:e].transpose(0, 1)[None]  # noqa: E731
+    for s, e in sp.segments:
+        gq, gk, gv = flash_bwd(t(do, s, e), t(q, s, e), t(k, s, e), t(v, s, e), t(o, s, e), lse[None, :, s:e].contiguous(), 0.0, True, scale=sp.scale)
+        dq[s:e].copy_(gq[0].transpose(0, 1))
+        dk[s:e].copy_(gk[0].transpose(0, 1))
+        dv[s:e].copy_(gv[0].transpose(0, 1))
+    return dqkv
+
+
+def _lora_params(*projs: _Proj) -> list[torch.Tensor]:
+    out = []
+    for p in projs:
+        if p.lora is not None:
+            out += [p.lora.A, p.lora.B]
+    return out
+
+
+def _grads_for(params_grads: list[tuple[_Proj, tuple[torch.Tensor, torch.Tensor]]]) -> list[torch.Tensor]:
+    out = []
+    for p, (dA, dB) in params_grads:
+        out += [dA.to(p.lora.A.dtype), dB.to(p.lora.B.dtype)]
+    return out
+
+
+class _AttnBlock(torch.autograd.Function):
+    """x + o_proj(attention(rope(qkv(rmsnorm(x))))), LoRA on any of q/k/v/o."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, freqs: torch.Tensor, sp: _AttnSpec, *params: torch.Tensor) -> torch.Tensor:
+        xr, rstd = _rms(x, sp.eps)
+        xn = xr * sp.norm_w
+        W = torch.cat([sp.q.weight.index_select(0, sp.perm_q), sp.k.weight.index_select(0, sp.perm_k), sp.v.weight])
+        if sp.q.bias is not None or sp.k.bias is not None or sp.v.bias is not None:
+            zeros = lambda p: torch.zeros(p.weight.shape[0], dtype=W.dtype, device=W.device)  # noqa: E731
+            bias = torch.cat([(sp.q.bias if sp.q.bias is not None else zeros(sp.q)).index_select(0, sp.perm_q),
+                              (sp.k.bias if sp.k.bias is not None else zeros(sp.k)).index_select(0, sp.perm_k),
+                              sp.v.bias if sp.v.bias is not None else zeros(sp.v)])
+            qkv = torch.addmm(bias, xn, W.t())
+        else:
+            qkv = xn @ W.t()
+        del W
+        Q, K = sp.n_heads * sp.head_dim, sp.n_kv * sp.head_dim
+        sl = {"q": slice(0, Q), "k": slice(Q, Q + K), "v": slice(Q + K, Q + 2 * K)}
+        perms = {"q": sp.perm_q, "k": sp.perm_k, "v": None}
+        lora_st = {}
+        for name in ("q", "k", "v"):
+            p = getattr(sp, name)
+            if p.lora is not None:
+                lora_st[name] = _lora_forward(xn, p.lora, qkv[:, sl[name]], perms[name])
+        del xn
+        _rope_(qkv[:, :Q], freqs, sp.n_heads, sp.head_dim)
+        _rope_(qkv[:, Q:Q + K], freqs, sp.n_kv, sp.head_dim)
+        attn, lse = _attention_forward(qkv, sp)
+        out = torch.addmm(x if sp.o.bias is None else x + sp.o.bias, attn, sp.o.weight.t())
+        if sp.o.lora is not None:
+            lora_st["o"] = _lora_forward(attn, sp.o.lora, out)
+        ctx.sp, ctx.lora_st = sp, lora_st
+        ctx.save_for_backward(xr, rstd, qkv, attn, lse, freqs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        sp, lora_st = ctx.sp, ctx.lora_st
+        xr, rstd, qkv, attn, lse, freqs = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        grads: list = []
+        dattn = dout @ sp.o.weight
+        if sp.o.lora is not None:
+            grads.append((sp.o, _lora_backward(attn, sp.o.lora, lora_st["o"], dout, dattn)))
+        dqkv = _attention_backward(dattn, qkv, attn, lse, sp)
+        del dattn
+        Q, K = sp.n_heads * sp.head_dim, sp.n_kv * sp.head_dim
+        conj = freqs.conj()
+        _rope_(dqkv[:, :Q], conj, sp.n_heads, sp.head_dim)
+        _rope_(dqkv[:, Q:Q + K], conj, sp.n_kv, sp.head_dim)
+        xn = xr * sp.norm_w
+        dxn = None
+        if need_x:
+            W = torch.cat([sp.q.weight.index_select(0, sp.perm_q), sp.k.weight.index_select(0, sp.perm_k), sp.v.weight])
+            dxn = dqkv @ W
+            del W
+        sl = {"q": slice(0, Q), "k": slice(Q, Q + K), "v": slice(Q + K, Q + 2 * K)}
+        perms = {"q": sp.perm_q, "k": sp.perm_k, "v": None}
+        for name in ("q", "k", "v"):
+            p = getattr(sp, name)
+            if p.lora is not None:
+                grads.append((p, _lora_backward(xn, p.lora, lora_st[name], dqkv[:, sl[name]], dxn, perms[name])))
+        dx = None
+        if need_x:
+            dx = _rms_backward(dxn.mul_(sp.norm_w), xr, rstd, dout)
+        order = [sp.q, sp.k, sp.v, sp.o]
+        by_proj = {id(p): g for p, g in grads}
+        flat = _grads_for([(p, by_proj[id(p)]) for p in order if p.lora is not None])
+        return (dx, None, None, *flat)
+
+
+@dataclass
+class _MlpSpec:
+    norm_w: torch.Tensor
+    eps: float
+    gate: _Proj
+    up: _Proj
+    down: _Proj
+
+
+def _linear(x: torch.Tensor, p: _Proj) -> torch.Tensor:
+    return torch.addmm(p.bias, x, p.weight.t()) if p.bias is not None else x @ p.weight.t()
+
+
+class _MlpBlock(torch.autograd.Function):
+    """x + down(silu(gate(rmsnorm(x))) * up(rmsnorm(x))), LoRA on any of gate/up/down."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sp: _MlpSpec, *params: torch.Tensor) -> torch.Tensor:
+        xr, rstd = _rms(x, sp.eps)
+        xn = xr * sp.norm_w
+        g, u = _linear(xn, sp.gate), _linear(xn, sp.up)
+        lora_st = {}
+        for name, t in (("gate", g), ("up", u)):
+            p = getattr(sp, name)
+            if p.lora is not None:
+                lora_st[name] = _lora_forward(xn, p.lora, t)
+        del xn
+        h = F.silu(g).mul_(u)
+        out = torch.addmm(x if sp.down.bias is None else x + sp.down.bias, h, sp.down.weight.t())
+        if sp.down.lora is not None:
+            lora_st["down"] = _lora_forward(h, sp.down.lora, out)
+        del h
+        ctx.sp, ctx.lora_st = sp, lora_st
+        ctx.save_for_backward(xr, rstd, g, u)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        sp, lora_st = ctx.sp, ctx.lora_st
+        xr, rstd, g, u = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        grads = {}
+        dh = dout @ sp.down.weight
+        silu = F.silu(g)
+        if sp.down.lora is not None:
+            grads["down"] = _lora_backward(silu * u, sp.down.lora, lora_st["down"], dout, dh)
+        du = dh * silu
+        del silu
+        dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
+        del dh
+        xn = xr * sp.norm_w if (sp.gate.lora is not None or sp.up.lora is not None) else None
+        dxn = None
+        if need_x:
+            dxn = dg @ sp.gate.weight
+            dxn.addmm_(du, sp.up.weight)
+        for name, d in (("gate", dg), ("up", du)):
+            p = getattr(sp, name)
+            if p.lora is not None:
+                grads[name] = _lora_backward(xn, p.lora, lora_st[name], d, dxn)
+        dx = _rms_backward(dxn.mul_(sp.norm_w), xr, rstd, dout) if need_x else None
+        flat = _grads_for([(getattr(sp, n), grads[n]) for n in ("gate", "up", "down") if getattr(sp, n).lora is not None])
+        return (dx, None, *flat)
+
+
+def _pair_perm(heads: int, d: int, device: torch.device) -> torch.Tensor:
+    """Rows of a (heads * d, in) projection reordered so that dims (j, j + d/2) of each head,
+    which rotary embedding rotates together, become neighbours (2j, 2j + 1)."""
+    half = torch.arange(d // 2, device=device)
+    one = torch.stack([half, half + d // 2], dim=1).reshape(-1)
+    return (torch.arange(heads, device=device)[:, None] * d + one[None, :]).reshape(-1)
+
+
+class FusedLlama:
+    """Frozen-base Llama-family decoder (llama, mistral, qwen2 layouts) with LoRA adapters.
+
+    Built per call from the live modules, so adapters added, switched or put in eval mode are
+    seen. :meth:`check` raises :class:`Unsupported` for anything it does not compute exactly.
+    """
+
+    MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.lm = _unwrap_causal_lm(model)
+        self.check()
+
+    def check(self) -> None:
+        lm = self.lm
+        cfg = getattr(lm, "config", None)
+        mt = getattr(cfg, "model_type", None)
+        if mt not in self.MODEL_TYPES:
+            raise Unsupported(f"model type {mt!r} (fused decoder: {', '.join(self.MODEL_TYPES)})")
+        dec = getattr(lm, "model", None)
+        for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if not hasattr(dec, attr):
+                raise Unsupported(f"decoder without {attr}")
+        if getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
+            raise Unsupported(f"activation {cfg.hidden_act!r}")
+        if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0:
+            raise Unsupported("attention dropout")
+        if lm.get_output_embeddings() is None or getattr(lm.get_output_embeddings(), "bias", None) is not None:
+            raise Unsupported("lm_head with a bias")
+        if dec.embed_tokens.weight.requires_grad or lm.get_output_embeddings().weight.requires_grad:
+            raise Unsupported("the embeddings train")
+        for layer in dec.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            if hasattr(att, "q_norm") or hasattr(att, "k_norm"):
+                raise Unsupported("q/k norms")
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm, dec.norm):
+                if norm.weight.requires_grad:
+                    raise Unsupported("trainable norms")
+            if getattr(att, "sliding_window", None):
+                raise Unsupported("sliding-window attention")
+            for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                _proj(m)
+
+    def _specs(self, segments: list[tuple[int, int]], device: torch.device):
+        dec = self.lm.model
+        cfg = self.lm.config
+        specs = []
+        for layer in dec.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            d = att.head_dim
+            nh = cfg.num_attention_heads
+            nkv = cfg.num_key_value_heads
+            a = _AttnSpec(layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
+                          _proj(att.q_proj), _proj(att.k_proj), _proj(att.v_proj), _proj(att.o_proj),
+                          nh, nkv, d, float(att.scaling), _pair_perm(nh, d, device), _pair_perm(nkv, d, device), segments)
+            m = _MlpSpec(layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
+                         _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj))
+            specs.append((a, m))
+        return specs
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
+        """Last hidden states (N, H), before the final norm, of packed examples."""
+        dec = self.lm.model
+        with torch.no_grad():
+            x = dec.embed_tokens(ids)
+            cos, sin = dec.rotary_emb(x[None], positions[None])
+            cos, sin = cos[0].float(), sin[0].float()
+            half = cos.shape[-1] // 2
+            if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+                raise Unsupported("rotary embedding layout")
+            freqs = torch.complex(cos[:, :half], sin[:, :half]).unsqueeze(1)  # (N, 1, d/2)
+        for a, m in self._specs(segments, ids.device):
+            x = _AttnBlock.apply(x, freqs, a, *_lora_params(a.q, a.k, a.v, a.o))
+            x = _MlpBlock.apply(x, m, *_lora_params(m.gate, m.up, m.down))
+        return x
+
+
+# --------------------------------------------------------------------------- the loss module
+
+def packed_layout(attention_mask: torch.Tensor) -> Optional[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """(bool mask of real tokens, [start, end) of each example once packed) for a right-padded
+    batch; None if some row is not a run of ones followed by zeros."""
+    lens = attention_mask.sum(1)
+    T = attention_mask.shape[1]
+    real = torch.arange(T, device=attention_mask.device)[None, :] < lens[:, None]
+    if not torch.equal(real, attention_mask.bool()):
+        return None
+    ends = torch.cumsum(lens, 0).tolist()
+    starts = [0] + ends[:-1]
+    return real, [(s, e) for s, e in zip(starts, ends) if e > s]
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM; forward returns (sum of token losses, number of trained tokens).
 
     A module (rather than a function) so that DDP/FSDP wrap it and see the forward.
     """
 
-    def __init__(self, model: nn.Module, trained_logits_only: bool = True):
+    def __init__(self, model: nn.Module, trained_logits_only: bool = True, fused_decoder: bool = True, ce_chunk_rows: int = CE_CHUNK_ROWS):
         super().__init__()
         self.model = model
         self.trained_logits_only = trained_logits_only
+        self.ce_chunk_rows = ce_chunk_rows
+        self.fused: Optional[FusedLlama] = None
+        self.fused_reason = "off (train.fused_decoder: false)" if not fused_decoder else ""
+        if fused_decoder and not trained_logits_only:
+            self.fused_reason = "off (needs train.trained_logits_only)"
+        elif fused_decoder:
+            try:
+                self.fused = FusedLlama(model)
+                self.fused_reason = "on"
+            except Unsupported as e:
+                self.fused_reason = f"unsupported here: {e}"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
@@ -47,15 +579,28 @@ class CausalLMLoss(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
             return loss, n
         lm = _unwrap_causal_lm(self.model)
+        head = lm.get_output_embeddings()
+        if self.fused is not None:
+            layout = packed_layout(attention_mask)
+            if layout is not None:
+                real, segments = layout
+                B, T = input_ids.shape
+                nxt = torch.full_like(labels, IGNORE)
+                nxt[:, :-1] = targets  # the target predicted at each position
+                pos = torch.arange(T, device=input_ids.device).expand(B, T)[real]
+                with torch.autocast(input_ids.device.type, enabled=False):
+                    hidden = self.fused.hidden(input_ids[real], pos, segments)  # (N, H)
+                    y = nxt[real]
+                    sel = (y != IGNORE).nonzero().squeeze(1)
+                    h = lm.model.norm(hidden.index_select(0, sel))
+                    loss = linear_cross_entropy(h, head.weight, y[sel], self.ce_chunk_rows)
+                    if sel.numel() == 0:
+                        loss = loss + 0.0 * hidden.sum()  # keep the graph connected (DDP needs every step to backprop)
+                return loss, n
         decoder = lm.get_decoder()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         h = hidden[:, :-1][keep]  # (N, H): only positions whose next token is trained
-        y = targets[keep]  # (N,)
-        head = lm.get_output_embeddings()
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.shape[0], CE_CHUNK_ROWS):
-            logits = head(h[s:s + CE_CHUNK_ROWS]).float()  # (n, V)
-            loss = loss + F.cross_entropy(logits, y[s:s + CE_CHUNK_ROWS], reduction="sum")
+        loss = linear_cross_entropy(h, head.weight, targets[keep], self.ce_chunk_rows)
         if h.shape[0] == 0:
             loss = loss + 0.0 * hidden.sum()  # keep the graph connected (DDP needs every step to backprop)
         return loss, n

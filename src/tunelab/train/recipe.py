@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from ..config import Config, dump_yaml
-from ..data.batching import collate, epoch_batches
+from ..data.batching import collate, epoch_batches, split_by_tokens
 from ..data.pipeline import prepare_data
 from ..data.render import Renderer
 from ..models.build import build_model
@@ -50,6 +50,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens_per_s: float = 0.0
+    train_seconds: float = 0.0  # wall time of the training steps (no eval, no setup)
+    train_cpu_seconds: float = 0.0  # CPU time of this process over the same span (all threads)
+    real_tokens: int = 0  # non-pad tokens fed to the model over the run
 
 
 class MicroBatchStream:
@@ -125,7 +128,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     scheduler = make_scheduler(optimizer, total_steps, cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio)
     eval_every = cfg.train.eval_every or max(1, total_steps // 10)
     save_every = cfg.train.save_every or eval_every
-    loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only)
+    loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder)
+    rep.info(f"fused decoder: {loss_fn.fused_reason}")
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     autocast = (lambda: torch.autocast(device.type, dtype=built.compute_dtype)) if built.compute_dtype != torch.float32 else contextlib.nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -158,6 +162,11 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
             save_trained(accelerator.unwrap_model(loss_fn).model, tokenizer, cfg, run_dir)
 
     result = TrainResult(run_dir, state.step, None, None, False)
+    if ckpt is not None and data.eval and cfg.early_stopping_on and state.bad_evals >= cfg.train.early_stopping.patience:
+        # the checkpoint is the one written when early stopping ended the run: nothing to resume
+        rep.info(f"the run stopped early at step {state.step} (best step {state.best_step}); nothing to resume")
+        result.stopped_early = True
+        total_steps = state.step
     if data.eval and cfg.early_stopping_on and state.step == 0:
         base_eval = evaluate()
         rep.info(f"eval loss before training: {base_eval:.4f}")
@@ -167,8 +176,12 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     loss_fn.train()
     rep.start(total_steps, state.step)
     t_log, tokens_since_log = time.perf_counter(), 0
+    t_loop, eval_seconds = time.perf_counter(), 0.0
+    c_loop, eval_cpu_seconds = time.process_time(), 0.0
     while state.step < total_steps:
-        batches = [collate([data.train[i] for i in stream[state.micro + j]], pad_id) for j in range(ga)]
+        # Each micro-batch runs as one or more passes of at most max_tokens_per_pass tokens.
+        batches = [collate(part, pad_id) for j in range(ga)
+                   for part in split_by_tokens([data.train[i] for i in stream[state.micro + j]], cfg.train.max_tokens_per_pass)]
         state.micro += ga
         # Loss = sum over trained tokens / trained tokens of the whole effective batch, on
         # every process; DDP averages gradients over processes, hence the * world size.
@@ -177,12 +190,13 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for j, b in enumerate(batches):
             b = b.to(device)
-            sync = accelerator.no_sync(loss_fn) if j < ga - 1 else contextlib.nullcontext()
+            sync = accelerator.no_sync(loss_fn) if j < len(batches) - 1 else contextlib.nullcontext()
             with sync, autocast():
                 loss_sum, _ = loss_fn(b.input_ids, b.attention_mask, b.labels)
             accelerator.backward(loss_sum * accelerator.num_processes / n_global)
             step_loss += loss_sum.detach().double()
             tokens_since_log += b.n_real
+            result.real_tokens += b.n_real
         if cfg.train.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -206,7 +220,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         # ------------------------------------------------------------ eval, early stopping
         stop = False
         if data.eval and (state.step % eval_every == 0 or state.step == total_steps):
-            t_eval = time.perf_counter()
+            t_eval, c_eval = time.perf_counter(), time.process_time()
             ev = evaluate()
             result.eval_losses.append((state.step, ev))
             rep.metrics(event="eval", step=state.step, epoch=state.micro / stream.per_epoch, lr=lr, eval_loss=ev, trained_tokens=state.trained_tokens)
@@ -217,6 +231,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
                 state.bad_evals += 1
                 stop = cfg.early_stopping_on and state.bad_evals >= cfg.train.early_stopping.patience
             t_log += time.perf_counter() - t_eval  # eval time is not training throughput
+            eval_seconds += time.perf_counter() - t_eval
+            eval_cpu_seconds += time.process_time() - c_eval
         if state.step % save_every == 0 or stop or state.step == total_steps:
             if accelerator.is_main_process:
                 save_checkpoint(run_dir / "checkpoints", state.step, accelerator.unwrap_model(loss_fn).model, optimizer, scheduler,
@@ -231,6 +247,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
             break
 
     # ---------------------------------------------------------------- save
+    result.train_seconds = time.perf_counter() - t_loop - eval_seconds
+    result.train_cpu_seconds = time.process_time() - c_loop - eval_cpu_seconds
     rep.close()
     if not data.eval:
         save_best()  # no eval set: the final weights are the result

@@ -29,5 +29,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup_fraction: float, schedule: str, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = int(math.ceil(warmup_fraction * total)) if warmup_fraction > 0 else 0
+    # round() first: 0.07 * 100 == 7.000000000000001 must give 7 warmup steps, not 8
+    warmup = int(math.ceil(round(warmup_fraction * total, 9))) if warmup_fraction > 0 else 0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule, min_ratio))
