@@ -45,6 +45,8 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--template", default=None, help="template (default: the config's, else auto)")
     a.add_argument("--max-seq-len", type=int, default=None, help="max_seq_len (default: the config's, else 1024)")
     a.add_argument("--train-on", choices=("assistant", "last_assistant", "all"), default=None, help="trained tokens (default: the config's, else assistant)")
+    a.add_argument("--length-sample", type=int, default=10000, metavar="N",
+                   help="above N records, length percentiles come from a seeded sample of N (over-limit counts stay exact); 0 = tokenize all")
     a.add_argument("--no-tokenizer", action="store_true", help="count words instead of tokens (no tokenizer is loaded)")
     a.add_argument("--quiet", action="store_true", help="print only the one-screen summary")
     a.set_defaults(func=run_audit_command)
@@ -63,6 +65,7 @@ def build_options(args: argparse.Namespace, cfg: Any = None) -> Any:
         imbalance_threshold=args.imbalance_threshold,
         max_seq_len=args.max_seq_len if args.max_seq_len is not None else (d.max_seq_len if d is not None else 1024),
         train_on=args.train_on or (d.train_on if d is not None else "assistant"),
+        length_sample=args.length_sample or None,
         sample=args.sample,
         spot_check_path=args.spot_check if args.sample > 0 else None,
         seed=seed,
@@ -74,6 +77,8 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
         return f"--near-dup-threshold must be in (0, 1], got {args.near_dup_threshold}"
     if args.shingle_size < 1:
         return f"--shingle-size must be >= 1, got {args.shingle_size}"
+    if args.length_sample < 0:
+        return f"--length-sample must be >= 0, got {args.length_sample}"
     if args.sample < 0:
         return f"--sample must be >= 0, got {args.sample}"
     if args.balance and not args.fix:

@@ -38,7 +38,7 @@ class AuditOptions:
     label_max_distinct: int = 50  # completions count as labels when a task has at most this many distinct ones...
     label_min_records: int = 200  # ...over at least this many records
     max_seq_len: Optional[int] = 1024
-    length_sample: Optional[int] = 20000  # tokenize a sample of this many (+ every record that may not fit); None: all
+    length_sample: Optional[int] = 10000  # tokenize a sample of this many (+ every record that may not fit); None: all
     train_on: str = "assistant"
     sample: int = 100  # spot-check records
     spot_check_path: Optional[str] = None  # None: no spot-check file

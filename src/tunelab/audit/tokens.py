@@ -181,7 +181,7 @@ def _bound(chunks: list[tuple[str, bool]]) -> int:
 
 
 def count_tokens(records: list[AuditRecord], renderer: Renderer, train_on: str = "assistant", max_seq_len: Optional[int] = None,
-                 batch: int = 4096, seed: int = 0, self_check: int = 24, sample_size: Optional[int] = 20000) -> TokenCounts:
+                 batch: int = 4096, seed: int = 0, self_check: int = 24, sample_size: Optional[int] = 10000) -> TokenCounts:
     """Token counts of the rendered records (see :class:`TokenJob`)."""
     return TokenJob(records, renderer, train_on, max_seq_len, batch, seed, self_check, sample_size).result()
 
@@ -195,7 +195,7 @@ class TokenJob:
     meanwhile. (With the Python part in the thread too, both threads queued for the GIL: the
     100k-record benchmark took 72 s instead of 51 s on the same busy 2-core machine.)
 
-    With ``sample_size`` (default 20000) and more records than that, tokenization (the
+    With ``sample_size`` (default 10000) and more records than that, tokenization (the
     dominant cost: ~0.6 ms of CPU a record) is spent where it decides something: on a seeded
     random sample, which the percentiles describe, and on every record whose byte-length bound
     exceeds ``max_seq_len``. The others provably fit and lose nothing, so the counts of records
@@ -204,7 +204,7 @@ class TokenJob:
     """
 
     def __init__(self, records: list[AuditRecord], renderer: Renderer, train_on: str = "assistant", max_seq_len: Optional[int] = None,
-                 batch: int = 4096, seed: int = 0, self_check: int = 24, sample_size: Optional[int] = 20000):
+                 batch: int = 4096, seed: int = 0, self_check: int = 24, sample_size: Optional[int] = 10000):
         from concurrent.futures import ThreadPoolExecutor
 
         self.t0 = time.perf_counter()
