@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import write_jsonl
+from tinymodels import write_jsonl
 from tunelab.cli import main
 
 

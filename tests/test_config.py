@@ -14,7 +14,7 @@ def write(tmp_path, text):
 
 
 def test_unknown_key_suggests(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rat'.*") as e:
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rat'.*"):
         load_config(write(tmp_path, "train:\n  learning_rat: 1e-4\n"))
     p = write(tmp_path, "trian:\n  lr: 1e-4\n")
     with pytest.raises(ConfigError, match="did you mean 'train'"):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import make_learnable_llama, write_jsonl
+from tinymodels import make_learnable_llama, write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.data.pipeline import prepare_data
 from tunelab.data.render import IGNORE

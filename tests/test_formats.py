@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
+from tinymodels import write_jsonl
 from tunelab.data.formats import DataError, load_dataset_file, read_records
 
 

@@ -5,13 +5,12 @@ token. A tiny model is trained to answer a fixed string, then ``<|im_end|>``."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 
-from conftest import make_learnable_llama, write_jsonl
+from tinymodels import make_learnable_llama, write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.data.pipeline import prepare_data
 from tunelab.data.render import IGNORE, Renderer

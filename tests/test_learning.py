@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
-import pytest
-import torch
 from rich.console import Console
 
-from conftest import make_learnable_llama, write_jsonl
+from tinymodels import make_learnable_llama, write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.train.recipe import train
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from tinymodels import make_tiny_llama
 from tunelab.config import config_from_dict
 from tunelab.models.adapters import peft_lora_config, resolve_layers
 from tunelab.models.build import build_model

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from tinymodels import write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.data.batching import collate
 from tunelab.data.pipeline import prepare_data

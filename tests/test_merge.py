@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from tinymodels import write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.models.adapters import merge_lora_state_dict
 from tunelab.models.merge import merge_run

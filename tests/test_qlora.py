@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinymodels import write_jsonl
 
-from conftest import make_tiny_llama, write_jsonl
 
 
 def _bnb_or_reason():
@@ -28,17 +28,6 @@ def _bnb_or_reason():
 SKIP_REASON = _bnb_or_reason()
 needs_bnb = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are far too small to gain from a second thread, and on a loaded
-    machine every 2-thread op waits for a descheduled worker (measured: 16 ms per 224x64x64
-    linear with 2 threads vs 0.07 ms with 1). Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_missing_backend_says_how_to_install(monkeypatch):
@@ -114,15 +103,18 @@ def test_nf4_config_is_nf4_double_quant_with_compute_dtype():
 # --------------------------------------------------------------------------- the model
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> str:
-    """The conftest tiny Llama with its (tied) embedding scaled from std 0.02 to 0.2.
+def model_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """A copy of the conftest tiny Llama with its (tied) embedding scaled from std 0.02 to 0.2.
 
     At std 0.02 the logits of a 64-wide model span a fraction of a nat: every next-token
     distribution is near uniform over 49k tokens, training can barely move it and comparing
     probabilities would compare ~2e-5 with ~2e-5. Scaled, the model can be confidently right."""
+    import shutil
+
     from safetensors.torch import load_file, save_file
 
-    d = Path(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama-qlora"), tokenizer, seed=1))
+    d = tmp_path_factory.mktemp("tiny-llama-qlora") / "model"
+    shutil.copytree(tiny_model_dir, d)
     sd = load_file(str(d / "model.safetensors"))
     sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] * 10
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})

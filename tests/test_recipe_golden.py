@@ -30,7 +30,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from conftest import make_tiny_llama, write_jsonl
+from tinymodels import make_tiny_llama, write_jsonl
 from tunelab.config import config_from_dict, load_config
 from tunelab.train.reporting import METRIC_KEYS
 from tunelab.train.schedule import lr_factor

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from tinymodels import write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.models.build import build_model
 from tunelab.train.checkpoint import atomic_dir, latest_checkpoint, list_checkpoints, load_checkpoint

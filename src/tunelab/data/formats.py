@@ -12,7 +12,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 FORMATS = ("alpaca", "dolly", "flan", "sharegpt", "messages", "text")
 
