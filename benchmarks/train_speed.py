@@ -34,11 +34,18 @@ loss_delta = (tunelab final loss - TRL final loss) / TRL final loss at the last 
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while they wait (libgomp's default) collapse when other processes
+# share the cores: measured here, 2 spinning threads ran 3-6x slower than 1 thread with one
+# other busy process. Both systems get the same setting, passive unless the caller set one,
+# before torch loads the OpenMP runtime (the workers inherit it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import io
 import json
 import math
-import os
 import resource
 import statistics
 import subprocess
@@ -107,6 +114,16 @@ def matmul_peak(dtype_name: str, budget_s: float = 3.0) -> float:
 
 
 # --------------------------------------------------------------------------- model FLOPs
+
+def linear_flops_per_token(config: dict, lora_rank: int = 16) -> float:
+    """Decoder linear layers (frozen: 4 FLOPs/weight) plus q/v LoRA (trained: 6), per token."""
+    h, L = config["hidden_size"], config["num_hidden_layers"]
+    nh, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or h // nh
+    linear = h * (nh * hd + 2 * nkv * hd) + nh * hd * h + 3 * h * config["intermediate_size"]
+    lora = lora_rank * (h + nh * hd) + lora_rank * (h + nkv * hd)
+    return L * (4 * linear + 6 * lora)
+
 
 def model_flops(config: dict, lengths: list[int], trained: list[int], lora_rank: int = 16) -> float:
     """Training FLOPs the loss needs for examples of ``lengths`` with ``trained`` loss positions.
@@ -248,7 +265,97 @@ def worker_trl(args: argparse.Namespace, plan: dict) -> dict:
             "losses": losses, "peak_rss": _peak_rss(), "input_ids": ids, "labels": labels}
 
 
+# --------------------------------------------------------------------------- profile
+
+PROFILE_GROUPS = {  # self time of aten ops, by kind
+    "matmul (mm/addmm)": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear"),
+    "attention (flash kernels)": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "softmax / log-softmax": ("aten::_log_softmax", "aten::_softmax", "aten::exp_", "aten::exp", "aten::_log_softmax_backward_data"),
+    "dropout RNG + masks": ("aten::random_", "aten::bernoulli_", "aten::ge", "aten::where"),
+}
+
+
+def profile_tunelab(args: argparse.Namespace, plan: dict, steps: int) -> None:
+    """Profile tunelab's inner loop (as the recipe runs it) on the benchmark's first batches."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunelab.config import config_from_dict
+    from tunelab.data.batching import collate, split_by_tokens
+    from tunelab.data.render import EncodedExample
+    from tunelab.models.build import build_model
+    from tunelab.train.loss import CausalLMLoss
+
+    cfg = config_from_dict(tunelab_config(args, plan["precisions"]["tunelab"], "unused"))
+    torch.manual_seed(0)
+    built = build_model(cfg, torch.device("cpu"))
+    loss_fn = CausalLMLoss(built.model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix).train()
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=plan["lr"])
+    exs = [EncodedExample(e["input_ids"], e["labels"]) for e in plan["examples"]]
+    b = plan["batch"]
+
+    def step(k: int) -> int:
+        parts = [collate(p, built.tokenizer.pad_token_id) for p in split_by_tokens(exs[k * b:(k + 1) * b], cfg.train.max_tokens_per_pass)]
+        n = sum(x.n_trained for x in parts)
+        for x in parts:
+            loss, _ = loss_fn(x.input_ids, x.attention_mask, x.labels)
+            (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return sum(x.n_real for x in parts)
+
+    step(0)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        tokens = sum(step(k) for k in range(1, 1 + steps))
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\nprofile: tunelab, {steps} steps, {tokens} tokens, {wall:.1f} s under the profiler; fused decoder: {loss_fn.fused_reason}")
+    print("  by kernel (self CPU time):")
+    seen = set()
+    for group, names in PROFILE_GROUPS.items():
+        t_g = sum(e.self_cpu_time_total for e in events if e.key in names)
+        seen.update(names)
+        print(f"    {group:<30} {t_g / total:6.1%}")
+    rest = sorted(((e.self_cpu_time_total, e.key) for e in events if e.key not in seen), reverse=True)
+    print(f"    {'everything else':<30} {sum(x for x, _ in rest) / total:6.1%}   (top: "
+          + ", ".join(f"{k} {x / total:.1%}" for x, k in rest[:6]) + ")")
+    print("  by stage (inclusive CPU time; forward and backward of the custom autograd functions):")
+    stage = {e.key: e.cpu_time_total for e in events}
+    for key, label in (("_AttnBlock", "attention block forward (norm, qkv, RoPE, flash, o_proj)"),
+                       ("_AttnBlockBackward", "attention block backward"),
+                       ("_MlpBlock", "MLP block forward (norm, gate/up, SiLU, down)"),
+                       ("_MlpBlockBackward", "MLP block backward"),
+                       ("LinearCrossEntropy", "lm_head + cross-entropy, trained rows (fwd + its bwd matmul)"),
+                       ("Optimizer.step#AdamW.step", "AdamW step")):
+        if key in stage:
+            print(f"    {label:<62} {stage[key] / total:6.1%}")
+
+
 # --------------------------------------------------------------------------- checks and report
+
+def shared_prefix_tokens(args: argparse.Namespace, plan: dict) -> int:
+    """Token rows tunelab's shared-prefix packing leaves out, replaying its passes exactly."""
+    from tunelab.config import config_from_dict
+    from tunelab.data.batching import collate, split_by_tokens
+    from tunelab.data.render import EncodedExample
+    from tunelab.train.loss import pack
+
+    cfg = config_from_dict(tunelab_config(args, "fp32", "unused"))
+    if not (cfg.train.fused_decoder and cfg.train.shared_prefix and cfg.train.trained_logits_only):
+        return 0
+    exs = [EncodedExample(e["input_ids"], e["labels"]) for e in plan["examples"]]
+    b, skipped = plan["batch"], 0
+    for k in range(0, len(exs), b):
+        for part in split_by_tokens(exs[k:k + b], cfg.train.max_tokens_per_pass):
+            x = collate(part, 0)
+            packed = pack(x.input_ids, x.attention_mask, x.labels, True)
+            skipped += (len(part) - 1) * packed.shared_prefix
+    return skipped
+
 
 def check_same_tokens(plan: dict, trl: dict) -> tuple[int, int]:
     """TRL's tokens and labels must be tunelab's (tunelab may keep a trailing untrained token).
@@ -300,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="TRL gradient checkpointing (TRL's SFTConfig default: true)")
     ap.add_argument("--tunelab-set", action="append", default=[], metavar="KEY=VALUE", help="tunelab config override, e.g. train.packing=false")
     ap.add_argument("--threads", type=int, help="torch threads in both workers (default: torch's default, the core count)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS", help="only profile tunelab's step on the first STEPS batches (after 1 warm-up)")
     ap.add_argument("--json", help="also write all results here")
     ap.add_argument("--worker", choices=["tunelab", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
@@ -331,11 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     fastest = max(peaks, key=peaks.get)
     precision = fastest if args.precision == "auto" else args.precision
     precisions = {s: precision for s in ("tunelab", "trl")}
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; matmul peak "
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), load average {os.getloadavg()[0]:.1f}; matmul peak "
           f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s -> {precision}"
           + (" (bf16 is emulated here: no avx512_bf16/AMX)" if peaks["bf16"] < peaks["fp32"] else ""), flush=True)
 
     plan = build_plan(args, precisions)
+    if args.profile:
+        profile_tunelab(args, plan, args.profile)
+        return 0
     fd, plan_path = tempfile.mkstemp(suffix=".json", prefix="bench-plan-")
     with os.fdopen(fd, "w") as fh:
         json.dump(plan, fh)
@@ -377,20 +489,28 @@ def main(argv: list[str] | None = None) -> int:
     common_lengths = [len(x) for x in results["trl"][0]["input_ids"]] if "trl" in results else \
         [max((j for j, x in enumerate(e["labels"]) if x != IGNORE), default=0) + 1 for e in plan["examples"]]
     flops = model_flops(plan["model_config"], common_lengths, trained_lengths)
-    print(f"model FLOPs: {flops / 1e12:.2f} TFLOP for the run, {flops / real / 1e6:.0f} MFLOP per token")
+    skipped = shared_prefix_tokens(args, plan) if "tunelab" in results else 0
+    executed = flops - skipped * linear_flops_per_token(plan["model_config"])
+    print(f"model FLOPs: {flops / 1e12:.2f} TFLOP for the run, {flops / real / 1e6:.0f} MFLOP per token"
+          + (f"; tunelab computes a shared prompt prefix once per pass, skipping {skipped} token rows "
+             f"({1 - executed / flops:.1%} of the FLOPs)" if skipped else ""))
 
     table = {}
-    print(f"\n{'system':<8} {'prec':<5} {'tokens/s (min/median/max)':<28} {'peak RSS GiB (min/median)':<26} {'final loss':<11} {'MFU median':<10}")
+    print(f"\n{'system':<8} {'prec':<5} {'tokens/s (min/median/max)':<28} {'tokens/CPU-s':<13} {'peak RSS GiB (min/median)':<26} {'final loss':<11} {'MFU median':<10}")
     for s, runs in results.items():
         tps = [real / r["train_seconds"] for r in runs]
         rss = [r["peak_rss"] / 2**30 for r in runs]
         loss = [r["losses"][-1] for r in runs]
         prec = runs[0]["precision"]
         mfu = [flops / r["train_seconds"] / (peaks[prec] * 1e9) for r in runs]
+        hfu = [(executed if s == "tunelab" else flops) / r["train_seconds"] / (peaks[prec] * 1e9) for r in runs]
+        cpu = [real / r["cpu_seconds"] for r in runs]
         table[s] = {"tps": statistics.median(tps), "rss": statistics.median(rss), "loss": statistics.median(loss),
-                    "mfu": statistics.median(mfu), "tps_all": tps, "rss_all": rss, "loss_all": loss, "mfu_all": mfu}
-        print(f"{s:<8} {prec:<5} {min(tps):7.1f} / {statistics.median(tps):7.1f} / {max(tps):7.1f}     "
-              f"{min(rss):5.2f} / {statistics.median(rss):5.2f}              {statistics.median(loss):<11.4f} {statistics.median(mfu):6.1%}")
+                    "mfu": statistics.median(mfu), "hfu": statistics.median(hfu), "tps_all": tps, "rss_all": rss, "loss_all": loss,
+                    "mfu_all": mfu, "tokens_per_cpu_s": statistics.median(cpu)}
+        print(f"{s:<8} {prec:<5} {min(tps):7.1f} / {statistics.median(tps):7.1f} / {max(tps):7.1f}     {statistics.median(cpu):7.1f}       "
+              f"{min(rss):5.2f} / {statistics.median(rss):5.2f}              {statistics.median(loss):<11.4f} {statistics.median(mfu):6.1%}"
+              + (f" (executed FLOPs: {statistics.median(hfu):.1%})" if s == "tunelab" and skipped else ""))
     if args.repeats > 1:
         for s in results:
             print(f"  {s} tokens/s over {args.repeats} runs: {summarize(table[s]['tps_all'])}; spread "

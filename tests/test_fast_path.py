@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from conftest import make_tiny_llama, write_jsonl
+from tinymodels import make_tiny_llama, write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.data.batching import collate, split_by_tokens, trained_length
 from tunelab.data.pipeline import prepare_data
 from tunelab.data.render import IGNORE, EncodedExample, Renderer
 from tunelab.models.build import build_model
-from tunelab.train.loss import CausalLMLoss, _mask, linear_cross_entropy
+from tunelab.train.loss import CausalLMLoss, _mask, linear_cross_entropy, pack
 from tunelab.train.recipe import MicroBatchStream, train
 from tunelab.train.schedule import make_scheduler
 
@@ -47,7 +47,7 @@ def model_dir(tmp_path_factory, tokenizer) -> str:
 def data_file(tmp_path):
     topics = ["rivers", "clouds", "forests", "deserts", "oceans", "glaciers", "islands"]
     rows = []
-    for i in range(16):  # lengths from a few tokens to ~120: padding, packing and splitting all matter
+    for i in range(12):  # lengths from a few tokens to ~120: padding, packing and splitting all matter
         t = topics[i % len(topics)]
         rows.append({"instruction": f"Tell me {1 + i % 6} things about {t}." + (" Be brief." if i % 3 else ""),
                      "output": " ".join(f"{t} fact {k}: item {i * 3 + k}." for k in range(1 + (i * 5) % 11))})
@@ -60,7 +60,7 @@ def _cfg(model_dir, data, out, **train_kw):
         "model": {"name": model_dir, "dtype": "fp32"},
         "data": {"train": [{"path": str(data)}], "audit": "off"},
         "lora": {"rank": 4, "targets": "all-linear", "dropout": 0.0},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup": 0.2, "schedule": "cosine",
+        "train": {"max_steps": 5, "batch_size": 4, "lr": 1e-2, "warmup": 0.2, "schedule": "cosine",
                   "max_grad_norm": 1.0, "seed": 11, **train_kw},
     })
 
@@ -98,7 +98,7 @@ def test_fast_loss_trace_matches_plain_reference(model_dir, data_file, tmp_path)
     assert cfg.train.fused_decoder and cfg.train.trained_logits_only
     res = train(cfg, console=Console(file=io.StringIO()))
     ref = _plain_loop(cfg)
-    assert len(res.losses) == len(ref) == 6
+    assert len(res.losses) == len(ref) == 5
     assert ref[-1] < ref[0] - 0.05, "the run should learn, or the comparison says little"
     for step, (a, b) in enumerate(zip(res.losses, ref)):
         assert a == pytest.approx(b, rel=1e-2), f"step {step + 1}: fast {a} vs reference {b}"
@@ -150,6 +150,27 @@ def test_fused_loss_and_gradients_equal_transformers(model_dir, tokenizer, targe
     for p, a, r in zip(params, out["fast"][2], out["ref"][2]):
         assert torch.count_nonzero(r) > 0
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-7)
+
+
+def test_shared_prefix_is_exact(model_dir, tokenizer):
+    """A prompt prefix common to the examples is computed once; loss and gradients don't change."""
+    built = _lora_model(model_dir, "all-linear", seed=4)
+    model = built.model
+    prefix = tokenizer("<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n<|im_start|>user\n")["input_ids"]
+    exs = [EncodedExample(prefix + e.input_ids, [IGNORE] * len(prefix) + e.labels) for e in _batch(tokenizer, seed=9)]
+    b = collate(exs, tokenizer.pad_token_id)
+    packed = pack(b.input_ids, b.attention_mask, b.labels)
+    assert packed.shared_prefix >= len(prefix) and len(packed.ids) == b.n_real - (len(exs) - 1) * packed.shared_prefix
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = {}
+    for name, fn in (("shared", CausalLMLoss(model, True, True, share_prefix=True)), ("packed", CausalLMLoss(model, True, True, share_prefix=False)),
+                     ("ref", CausalLMLoss(model, False, False))):
+        loss, _ = fn(b.input_ids, b.attention_mask, b.labels)
+        res[name] = (loss.item(), torch.autograd.grad(loss, params))
+    for name in ("shared", "packed"):
+        assert res[name][0] == pytest.approx(res["ref"][0], rel=1e-5)
+        for a, r in zip(res[name][1], res["ref"][1]):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
 
 
 def test_fused_handles_qkv_bias(tmp_path, tokenizer):

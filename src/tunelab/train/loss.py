@@ -156,7 +156,7 @@ def _mask(shape: tuple[int, int], p: float, device: torch.device) -> tuple[torch
     """Keep-mask with P(drop) = p (to 1/65536) from 16-bit draws: 4 per 64-bit random word, which is
     2-4x cheaper than ``bernoulli_``. Returns (mask, 1 / P(keep))."""
     n = shape[0] * shape[1]
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
     r = words.view(torch.int16)[:n].view(shape)
     t = int(round(p * 65536))
     return r >= (t - 32768), 65536.0 / (65536 - t)
@@ -248,7 +248,7 @@ class _AttnSpec:
     scale: float
     perm_q: torch.Tensor  # row permutation: half-rotation layout -> interleaved pairs
     perm_k: torch.Tensor
-    segments: list[tuple[int, int]]  # packed examples [start, end)
+    groups: list["Group"]  # the causal sequences attention runs over (one per example)
 
 
 def _rope_(t: torch.Tensor, freqs: torch.Tensor, heads: int, d: int) -> None:
@@ -262,6 +262,24 @@ def _rope_(t: torch.Tensor, freqs: torch.Tensor, heads: int, d: int) -> None:
         t.copy_(torch.view_as_real(c).view(n, heads * d))
 
 
+Group = list[tuple[int, int, bool]]
+"""One example as packed rows: ranges [start, end) laid end to end form its causal sequence.
+The flag says whether this example's attention output for that range is the one kept: a prompt
+prefix shared by several examples is stored once and attended to by each of them."""
+
+
+def _gather(t: torch.Tensor, group: Group) -> torch.Tensor:
+    """Rows of ``group`` as one (L, heads, d) tensor: a view when the group is one range."""
+    if len(group) == 1:
+        s, e, _ = group[0]
+        return t[s:e]
+    return torch.cat([t[s:e] for s, e, _ in group])
+
+
+def _bhld(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1)[None]  # (L, heads, d) -> (1, heads, L, d), a view
+
+
 def _attention_forward(qkv: torch.Tensor, sp: _AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
     flash, _ = _flash_ops()
     n = qkv.shape[0]
@@ -271,28 +289,49 @@ def _attention_forward(qkv: torch.Tensor, sp: _AttnSpec) -> tuple[torch.Tensor, 
     v = qkv[:, Q + K:].view(n, sp.n_kv, sp.head_dim)
     attn = torch.empty(n, sp.n_heads, sp.head_dim, dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(sp.n_heads, n, dtype=torch.float32, device=qkv.device)
-    for s, e in sp.segments:
-        o, l = flash(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None], 0.0, True, scale=sp.scale)
-        attn[s:e].copy_(o[0].transpose(0, 1))
-        lse[:, s:e].copy_(l[0])
+    for group in sp.groups:
+        o, l = flash(_bhld(_gather(q, group)), _bhld(_gather(k, group)), _bhld(_gather(v, group)), 0.0, True, scale=sp.scale)
+        o, l, at = o[0].transpose(0, 1), l[0], 0  # (L, heads, d), (heads, L)
+        for s, e, keep in group:
+            if keep:
+                attn[s:e].copy_(o[at:at + e - s])
+                lse[:, s:e].copy_(l[:, at:at + e - s])
+            at += e - s
     return attn.view(n, Q), lse
 
 
 def _attention_backward(dattn: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, lse: torch.Tensor, sp: _AttnSpec) -> torch.Tensor:
+    """d(qkv). A shared range gets the output gradient once (in the group that kept its output;
+    zero elsewhere, which contributes nothing) and key/value gradients from every group."""
     _, flash_bwd = _flash_ops()
     n = qkv.shape[0]
     Q, K = sp.n_heads * sp.head_dim, sp.n_kv * sp.head_dim
     shape_q, shape_kv = (n, sp.n_heads, sp.head_dim), (n, sp.n_kv, sp.head_dim)
     q, k, v = qkv[:, :Q].view(shape_q), qkv[:, Q:Q + K].view(shape_kv), qkv[:, Q + K:].view(shape_kv)
     o, do = attn.view(shape_q), dattn.view(shape_q)
-    dqkv = torch.empty_like(qkv)
+    shared = any(len(g) > 1 for g in sp.groups)
+    dqkv = torch.zeros_like(qkv) if shared else torch.empty_like(qkv)
     dq, dk, dv = dqkv[:, :Q].view(shape_q), dqkv[:, Q:Q + K].view(shape_kv), dqkv[:, Q + K:].view(shape_kv)
-    t = lambda x, s, e: x[s:e].transpose(0, 1)[None]  # noqa: E731
-    for s, e in sp.segments:
-        gq, gk, gv = flash_bwd(t(do, s, e), t(q, s, e), t(k, s, e), t(v, s, e), t(o, s, e), lse[None, :, s:e].contiguous(), 0.0, True, scale=sp.scale)
-        dq[s:e].copy_(gq[0].transpose(0, 1))
-        dk[s:e].copy_(gk[0].transpose(0, 1))
-        dv[s:e].copy_(gv[0].transpose(0, 1))
+    for group in sp.groups:
+        if len(group) == 1:
+            dog = do[group[0][0]:group[0][1]]
+        else:
+            dog = torch.cat([do[s:e] if keep else torch.zeros_like(do[s:e]) for s, e, keep in group])
+        lg = lse[:, group[0][0]:group[0][1]] if len(group) == 1 else torch.cat([lse[:, s:e] for s, e, _ in group], dim=1)
+        gq, gk, gv = flash_bwd(_bhld(dog), _bhld(_gather(q, group)), _bhld(_gather(k, group)), _bhld(_gather(v, group)),
+                               _bhld(_gather(o, group)), lg[None].contiguous(), 0.0, True, scale=sp.scale)
+        gq, gk, gv, at = gq[0].transpose(0, 1), gk[0].transpose(0, 1), gv[0].transpose(0, 1), 0
+        for s, e, keep in group:
+            if len(group) == 1:
+                dq[s:e].copy_(gq)
+                dk[s:e].copy_(gk)
+                dv[s:e].copy_(gv)
+            else:
+                if keep:
+                    dq[s:e].add_(gq[at:at + e - s])
+                dk[s:e].add_(gk[at:at + e - s])
+                dv[s:e].add_(gv[at:at + e - s])
+            at += e - s
     return dqkv
 
 
@@ -499,7 +538,7 @@ class FusedLlama:
             for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 _proj(m)
 
-    def _specs(self, segments: list[tuple[int, int]], device: torch.device):
+    def _specs(self, groups: list[Group], device: torch.device):
         dec = self.lm.model
         cfg = self.lm.config
         specs = []
@@ -510,14 +549,14 @@ class FusedLlama:
             nkv = cfg.num_key_value_heads
             a = _AttnSpec(layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
                           _proj(att.q_proj), _proj(att.k_proj), _proj(att.v_proj), _proj(att.o_proj),
-                          nh, nkv, d, float(att.scaling), _pair_perm(nh, d, device), _pair_perm(nkv, d, device), segments)
+                          nh, nkv, d, float(att.scaling), _pair_perm(nh, d, device), _pair_perm(nkv, d, device), groups)
             m = _MlpSpec(layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
                          _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj))
             specs.append((a, m))
         return specs
 
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
-        """Last hidden states (N, H), before the final norm, of packed examples."""
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, groups: list[Group]) -> torch.Tensor:
+        """Last hidden states (N, H), before the final norm, of packed rows (see :data:`Group`)."""
         dec = self.lm.model
         with torch.no_grad():
             x = dec.embed_tokens(ids)
@@ -527,7 +566,7 @@ class FusedLlama:
             if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
                 raise Unsupported("rotary embedding layout")
             freqs = torch.complex(cos[:, :half], sin[:, :half]).unsqueeze(1)  # (N, 1, d/2)
-        for a, m in self._specs(segments, ids.device):
+        for a, m in self._specs(groups, ids.device):
             x = _AttnBlock.apply(x, freqs, a, *_lora_params(a.q, a.k, a.v, a.o))
             x = _MlpBlock.apply(x, m, *_lora_params(m.gate, m.up, m.down))
         return x
@@ -535,17 +574,54 @@ class FusedLlama:
 
 # --------------------------------------------------------------------------- the loss module
 
-def packed_layout(attention_mask: torch.Tensor) -> Optional[tuple[torch.Tensor, list[tuple[int, int]]]]:
-    """(bool mask of real tokens, [start, end) of each example once packed) for a right-padded
-    batch; None if some row is not a run of ones followed by zeros."""
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth the extra attention calls
+
+
+@dataclass
+class Packed:
+    ids: torch.Tensor  # (N,) token ids of the packed rows
+    positions: torch.Tensor  # (N,) position of each row in its example
+    targets: torch.Tensor  # (N,) the token each row predicts, IGNORE where untrained
+    groups: list[Group]  # each example's rows, for attention
+    shared_prefix: int  # tokens of the prefix stored once for all examples (0: none)
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, share_prefix: bool = True,
+         min_prefix: int = MIN_SHARED_PREFIX) -> Optional[Packed]:
+    """A right-padded batch as packed rows without padding (None if some row is not right-padded).
+
+    With ``share_prefix``, a prefix that every example starts with (e.g. a chat template's default
+    system prompt) and that predicts no trained token is stored once: causal attention means its
+    hidden states are the same in every example, so computing them once is exact, and every
+    example's attention still sees it (its key/value gradients add up over the examples). Only
+    the LoRA dropout masks on those rows are then shared by the examples of the pass.
+    """
+    B, T = input_ids.shape
+    dev = input_ids.device
     lens = attention_mask.sum(1)
-    T = attention_mask.shape[1]
-    real = torch.arange(T, device=attention_mask.device)[None, :] < lens[:, None]
+    ar = torch.arange(T, device=dev)
+    real = ar[None, :] < lens[:, None]
     if not torch.equal(real, attention_mask.bool()):
         return None
-    ends = torch.cumsum(lens, 0).tolist()
-    starts = [0] + ends[:-1]
-    return real, [(s, e) for s, e in zip(starts, ends) if e > s]
+    nxt = torch.full_like(labels, IGNORE)
+    nxt[:, :-1] = labels[:, 1:].masked_fill(~real[:, 1:], IGNORE)  # the target predicted at each position
+    P = 0
+    if share_prefix and B > 1:
+        ok = (input_ids == input_ids[:1]).all(0) & (nxt == IGNORE).all(0)
+        P = min(int(ok.long().cumprod(0).sum()), int(lens.min()) - 1)
+        P = P if P >= min_prefix else 0
+    keep = real
+    if P:
+        keep = real.clone()
+        keep[1:, :P] = False  # examples 1.. attend to example 0's copy of the prefix
+    lens_l = lens.tolist()
+    groups: list[Group] = [[(0, lens_l[0], True)]]
+    at = lens_l[0]
+    for n in lens_l[1:]:
+        own = n - P
+        groups.append(([(0, P, False)] if P else []) + [(at, at + own, True)])
+        at += own
+    return Packed(input_ids[keep], ar.expand(B, T)[keep], nxt[keep], groups, P)
 
 
 class CausalLMLoss(nn.Module):
@@ -554,10 +630,12 @@ class CausalLMLoss(nn.Module):
     A module (rather than a function) so that DDP/FSDP wrap it and see the forward.
     """
 
-    def __init__(self, model: nn.Module, trained_logits_only: bool = True, fused_decoder: bool = True, ce_chunk_rows: int = CE_CHUNK_ROWS):
+    def __init__(self, model: nn.Module, trained_logits_only: bool = True, fused_decoder: bool = True, share_prefix: bool = True,
+                 ce_chunk_rows: int = CE_CHUNK_ROWS):
         super().__init__()
         self.model = model
         self.trained_logits_only = trained_logits_only
+        self.share_prefix = share_prefix
         self.ce_chunk_rows = ce_chunk_rows
         self.fused: Optional[FusedLlama] = None
         self.fused_reason = "off (train.fused_decoder: false)" if not fused_decoder else ""
@@ -580,23 +658,16 @@ class CausalLMLoss(nn.Module):
             return loss, n
         lm = _unwrap_causal_lm(self.model)
         head = lm.get_output_embeddings()
-        if self.fused is not None:
-            layout = packed_layout(attention_mask)
-            if layout is not None:
-                real, segments = layout
-                B, T = input_ids.shape
-                nxt = torch.full_like(labels, IGNORE)
-                nxt[:, :-1] = targets  # the target predicted at each position
-                pos = torch.arange(T, device=input_ids.device).expand(B, T)[real]
-                with torch.autocast(input_ids.device.type, enabled=False):
-                    hidden = self.fused.hidden(input_ids[real], pos, segments)  # (N, H)
-                    y = nxt[real]
-                    sel = (y != IGNORE).nonzero().squeeze(1)
-                    h = lm.model.norm(hidden.index_select(0, sel))
-                    loss = linear_cross_entropy(h, head.weight, y[sel], self.ce_chunk_rows)
-                    if sel.numel() == 0:
-                        loss = loss + 0.0 * hidden.sum()  # keep the graph connected (DDP needs every step to backprop)
-                return loss, n
+        packed = pack(input_ids, attention_mask, labels, self.share_prefix) if self.fused is not None else None
+        if packed is not None:
+            with torch.autocast(input_ids.device.type, enabled=False):
+                hidden = self.fused.hidden(packed.ids, packed.positions, packed.groups)  # (N, H)
+                sel = (packed.targets != IGNORE).nonzero().squeeze(1)
+                h = lm.model.norm(hidden.index_select(0, sel))
+                loss = linear_cross_entropy(h, head.weight, packed.targets[sel], self.ce_chunk_rows)
+                if sel.numel() == 0:
+                    loss = loss + 0.0 * hidden.sum()  # keep the graph connected (DDP needs every step to backprop)
+            return loss, n
         decoder = lm.get_decoder()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         h = hidden[:, :-1][keep]  # (N, H): only positions whose next token is trained

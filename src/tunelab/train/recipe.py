@@ -128,7 +128,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     scheduler = make_scheduler(optimizer, total_steps, cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio)
     eval_every = cfg.train.eval_every or max(1, total_steps // 10)
     save_every = cfg.train.save_every or eval_every
-    loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder)
+    loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix)
     rep.info(f"fused decoder: {loss_fn.fused_reason}")
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     autocast = (lambda: torch.autocast(device.type, dtype=built.compute_dtype)) if built.compute_dtype != torch.float32 else contextlib.nullcontext
