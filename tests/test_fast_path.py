@@ -261,6 +261,58 @@ def test_dropout_mask_rate_and_eval_mode(model_dir, tokenizer):
     assert t1 != t2 and abs(t1 - r) / r < 0.2
 
 
+def test_gradient_checkpointing_is_exact_with_dropout(model_dir, tokenizer):
+    """train.gradient_checkpointing recomputes each fused layer in backward with the same RNG."""
+    b = collate(_batch(tokenizer, seed=10), tokenizer.pad_token_id)
+    out = {}
+    for gc in (False, True):
+        cfg = config_from_dict({"model": {"name": model_dir, "dtype": "fp32"}, "lora": {"rank": 4, "targets": "all-linear", "dropout": 0.1},
+                                "train": {"gradient_checkpointing": gc}})
+        torch.manual_seed(0)
+        model = build_model(cfg, CPU).model
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        fn = CausalLMLoss(model, True, True).train()
+        assert fn.fused is not None
+        torch.manual_seed(123)
+        loss, _ = fn(b.input_ids, b.attention_mask, b.labels)
+        params = [p for p in model.parameters() if p.requires_grad]
+        out[gc] = (loss.item(), torch.autograd.grad(loss, params))
+    assert out[True][0] == out[False][0]
+    for a, r in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-9)
+
+
+def test_bf16_base_is_as_accurate_as_transformers(model_dir, tokenizer):
+    """With a bf16 frozen base (machines with native bf16), the fused path's gradients are as close
+    to an fp32 computation on the same weights as the transformers bf16 forward's are."""
+    b = collate(_batch(tokenizer, n=3, seed=12), tokenizer.pad_token_id)
+    grads = {}
+    for dtype in ("bf16", "fp32"):
+        cfg = config_from_dict({"model": {"name": model_dir, "dtype": dtype}, "lora": {"rank": 4, "targets": "all-linear", "dropout": 0.0}})
+        torch.manual_seed(0)
+        model = build_model(cfg, CPU).model
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+                elif not p.requires_grad and dtype == "fp32":
+                    p.copy_(p.to(torch.bfloat16).float())  # the bf16 model's weights, computed in fp32
+        params = [p for p in model.parameters() if p.requires_grad]
+        for fused in ((True, False) if dtype == "bf16" else (False,)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                loss, _ = CausalLMLoss(model, fused, fused)(b.input_ids, b.attention_mask, b.labels)
+            grads[(dtype, fused)] = torch.autograd.grad(loss, params)
+
+    def err(g):
+        return max(((a.float() - r).norm() / r.norm()).item() for a, r in zip(g, grads[("fp32", False)]))
+
+    assert err(grads[("bf16", True)]) <= max(1.5 * err(grads[("bf16", False)]), 1e-3)
+    assert err(grads[("bf16", True)]) < 0.05
+
+
 def test_unsupported_models_fall_back(model_dir, tokenizer):
     cfg = config_from_dict({"method": "full", "model": {"name": model_dir, "dtype": "fp32"}})
     built = build_model(cfg, CPU)

@@ -5,23 +5,25 @@ The recipe divides the sum by the number of trained tokens in the whole effectiv
 trained tokens, not a mean of per-example or per-micro-batch means that over-weights
 short completions and skews with gradient accumulation.
 
-Three levels, each switchable in ``TrainConfig``:
+Three levels, each switchable in ``TrainConfig`` (docs/performance.md has the measurements):
 
 * reference (``trained_logits_only: false``): the transformers forward, full ``(B, T, V)``
   logits, ``F.cross_entropy``. Plain and slow; the tests compare the fast path against it.
 * trained logits only: the transformers decoder, then lm_head + cross-entropy only at the
   positions whose next token is trained, in row chunks, by :class:`LinearCrossEntropy`, which
-  computes the gradient of each chunk in the forward pass and keeps only that ``(N, H)``
-  gradient: memory for logits is one chunk, whatever the batch.
-* fused decoder (``fused_decoder: true``, the default, for Llama-family models with a frozen
-  base and LoRA or no adapters): the decoder layers written out with their backward
-  (:class:`FusedLlama`). Padding is dropped (examples are packed end to end, attention stays
-  within each example: one causal flash-attention call per example, so no token attends across
-  examples and no compute goes to padding); q/k/v are one matmul; RoPE is one complex multiply
-  (q/k rows are permuted to interleaved pairs, which attention does not see); RMSNorm, SiLU and
-  LoRA dropout use a few fused passes; backward saves ~24 KB per token per layer (fp32) instead
-  of what autograd keeps for the transformers layer. Numerically it is the same computation
-  (fp32 rounding aside); models it does not support fall back to the transformers decoder.
+  computes each chunk's gradient in the forward pass and keeps only that ``(N, H)`` gradient:
+  logits memory is one chunk whatever the batch.
+* fused decoder (``fused_decoder: true``, the default, for llama/mistral/qwen2 models with a
+  frozen base and LoRA or no adapters): the decoder layers written out with their backward
+  (:class:`FusedLlama`). Examples are packed end to end without padding and attention runs per
+  example (one causal flash-attention call each), so no token attends across examples and no
+  compute goes to padding; a prompt prefix common to the examples of a pass (a default system
+  prompt) is computed once (``shared_prefix``); q/k/v are one matmul; RoPE is one complex
+  multiply (q/k rows are permuted to interleaved pairs, which attention does not see); RMSNorm,
+  SiLU and LoRA dropout take a few passes each; backward keeps ~24 KB per token per layer
+  (fp32). ``gradient_checkpointing`` recomputes each layer in backward instead. It is the same
+  computation as the transformers forward up to fp32 rounding (tests/test_fast_path.py); models
+  or setups it does not support fall back to the transformers decoder, and the recipe logs why.
 """
 
 from __future__ import annotations
@@ -169,6 +171,29 @@ class _LoraFwd:
 
     def __init__(self, mask, inv_keep, a):
         self.mask, self.inv_keep, self.a = mask, inv_keep, a
+
+
+_NONE = torch.empty(0)
+
+
+def _save(ctx, tensors: list[torch.Tensor], lora_st: dict[str, _LoraFwd]) -> None:
+    """save_for_backward ``tensors`` and the adapters' masks / A-outputs (so that activation
+    checkpointing, which hooks save_for_backward, frees and recomputes them too)."""
+    ctx.lora_names = list(lora_st)
+    ctx.inv_keep = [st.inv_keep for st in lora_st.values()]
+    extra = [t for st in lora_st.values() for t in ((st.mask if st.mask is not None else _NONE), st.a)]
+    ctx.n_main = len(tensors)
+    ctx.save_for_backward(*tensors, *extra)
+
+
+def _load(ctx) -> tuple[tuple[torch.Tensor, ...], dict[str, _LoraFwd]]:
+    saved = ctx.saved_tensors
+    main, extra = saved[:ctx.n_main], saved[ctx.n_main:]
+    st = {}
+    for i, name in enumerate(ctx.lora_names):
+        mask, a = extra[2 * i], extra[2 * i + 1]
+        st[name] = _LoraFwd(mask if mask.numel() else None, ctx.inv_keep[i], a)
+    return main, st
 
 
 def _lora_forward(x: torch.Tensor, lo: _Lora, out: torch.Tensor, row_perm: Optional[torch.Tensor] = None) -> _LoraFwd:
@@ -382,14 +407,14 @@ class _AttnBlock(torch.autograd.Function):
         out = torch.addmm(x if sp.o.bias is None else x + sp.o.bias, attn, sp.o.weight.t())
         if sp.o.lora is not None:
             lora_st["o"] = _lora_forward(attn, sp.o.lora, out)
-        ctx.sp, ctx.lora_st = sp, lora_st
-        ctx.save_for_backward(xr, rstd, qkv, attn, lse, freqs)
+        ctx.sp = sp
+        _save(ctx, [xr, rstd, qkv, attn, lse, freqs], lora_st)
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        sp, lora_st = ctx.sp, ctx.lora_st
-        xr, rstd, qkv, attn, lse, freqs = ctx.saved_tensors
+        sp = ctx.sp
+        (xr, rstd, qkv, attn, lse, freqs), lora_st = _load(ctx)
         need_x = ctx.needs_input_grad[0]
         grads: list = []
         dattn = dout @ sp.o.weight
@@ -454,14 +479,14 @@ class _MlpBlock(torch.autograd.Function):
         if sp.down.lora is not None:
             lora_st["down"] = _lora_forward(h, sp.down.lora, out)
         del h
-        ctx.sp, ctx.lora_st = sp, lora_st
-        ctx.save_for_backward(xr, rstd, g, u)
+        ctx.sp = sp
+        _save(ctx, [xr, rstd, g, u], lora_st)
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        sp, lora_st = ctx.sp, ctx.lora_st
-        xr, rstd, g, u = ctx.saved_tensors
+        sp = ctx.sp
+        (xr, rstd, g, u), lora_st = _load(ctx)
         need_x = ctx.needs_input_grad[0]
         grads = {}
         dh = dout @ sp.down.weight
@@ -566,9 +591,17 @@ class FusedLlama:
             if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
                 raise Unsupported("rotary embedding layout")
             freqs = torch.complex(cos[:, :half], sin[:, :half]).unsqueeze(1)  # (N, 1, d/2)
-        for a, m in self._specs(groups, ids.device):
-            x = _AttnBlock.apply(x, freqs, a, *_lora_params(a.q, a.k, a.v, a.o))
-            x = _MlpBlock.apply(x, m, *_lora_params(m.gate, m.up, m.down))
+        for layer, (a, m) in zip(dec.layers, self._specs(groups, ids.device)):
+            def run(x: torch.Tensor, a: _AttnSpec = a, m: _MlpSpec = m) -> torch.Tensor:
+                x = _AttnBlock.apply(x, freqs, a, *_lora_params(a.q, a.k, a.v, a.o))
+                return _MlpBlock.apply(x, m, *_lora_params(m.gate, m.up, m.down))
+
+            if getattr(layer, "gradient_checkpointing", False) and torch.is_grad_enabled():
+                # model.gradient_checkpointing_enable() (train.gradient_checkpointing): keep the
+                # layer's input only and recompute the layer in backward (same RNG, same masks)
+                x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+            else:
+                x = run(x)
         return x
 
 
