@@ -2,6 +2,7 @@
 """Tokens/s and peak RSS of tunelab's training step across sequence lengths and batch sizes.
 
     python benchmarks/scaling.py                          # the 3 x 3 grid, 1 warm-up + 2 timed steps per cell
+    python benchmarks/scaling.py --steps 1                # 1 timed step per cell (~30 min on 2 cores)
     python benchmarks/scaling.py --cells 128x8 512x8      # some cells
     python benchmarks/scaling.py --budget-s 900           # skip cells whose estimate exceeds 15 min
 
@@ -16,6 +17,10 @@ skipped with that estimate, never filled in.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmarks/train_speed.py (see there)
 
 import argparse
 import json
@@ -38,9 +43,9 @@ def worker(seq: int, batch: int, steps: int, warmup: int, max_tokens_per_pass: i
     from tunelab.models.build import build_model
     from tunelab.train.loss import CausalLMLoss
 
+    train = {"max_tokens_per_pass": max_tokens_per_pass} if max_tokens_per_pass else {}
     cfg = config_from_dict({"model": {"name": "smollm2-135m-instruct", "dtype": "fp32"},
-                            "lora": {"rank": 16, "alpha": 32, "dropout": 0.05, "targets": "qv"},
-                            "train": {"max_tokens_per_pass": max_tokens_per_pass}})
+                            "lora": {"rank": 16, "alpha": 32, "dropout": 0.05, "targets": "qv"}, "train": train})
     torch.manual_seed(0)
     built = build_model(cfg, torch.device("cpu"))
     model, tok = built.model, built.tokenizer
@@ -56,7 +61,12 @@ def worker(seq: int, batch: int, steps: int, warmup: int, max_tokens_per_pass: i
     times = []
     for step in range(warmup + steps):
         t = time.perf_counter()
-        parts = [collate(p, tok.pad_token_id) for p in split_by_tokens(examples, cfg.train.max_tokens_per_pass)]
+        # warm-up steps (code paths, and the allocator: a pass's first large tensors page-fault
+        # in) on one full-size pass, not the whole batch: a 2048 x 32 warm-up step would cost
+        # as much as the measurement
+        per_pass = max(1, (cfg.train.max_tokens_per_pass or seq * batch) // seq)
+        batch_examples = examples[:per_pass] if step < warmup else examples
+        parts = [collate(p, tok.pad_token_id) for p in split_by_tokens(batch_examples, cfg.train.max_tokens_per_pass)]
         n_total = sum(b.n_trained for b in parts)
         for b in parts:
             loss, _ = loss_fn(b.input_ids, b.attention_mask, b.labels)
@@ -81,7 +91,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per cell")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=1800, help="skip a cell whose estimated time exceeds this")
-    ap.add_argument("--max-tokens-per-pass", type=int, default=1024)
+    ap.add_argument("--max-tokens-per-pass", type=int, default=0, help="0: tunelab's default")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -94,7 +104,7 @@ def main() -> int:
     cells.sort(key=lambda c: c[0] * c[1])  # small first: their speed estimates the big ones
     results, rate = [], None  # rate: tokens/s of the last cell measured, for estimates
     for seq, batch in cells:
-        tokens = seq * batch * (args.steps + args.warmup)
+        tokens = seq * batch * args.steps + args.warmup * min(seq * batch, max(seq, 2048))
         if rate is not None:
             # attention grows with the length: scale the estimate by (1 + seq / 1500) relative to the last cell
             est = tokens / rate * (1 + seq / 1500) / (1 + results[-1]["seq"] / 1500) + 30

@@ -152,6 +152,33 @@ def test_fused_loss_and_gradients_equal_transformers(model_dir, tokenizer, targe
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-7)
 
 
+def test_fused_decoder_is_cpu_only_and_steps_aside_elsewhere(model_dir):
+    """Its attention calls the CPU flash kernels: on another device (meta stands in for CUDA
+    here) the transformers forward runs instead, with trained-only logits."""
+    built = _lora_model(model_dir, "qv")
+    assert CausalLMLoss(built.model, True, True).fused is not None
+    fn = CausalLMLoss(built.model.to("meta"), True, True)
+    assert fn.fused is None and "device meta" in fn.fused_reason
+
+
+def test_fused_sees_base_weights_changed_in_place(model_dir, tokenizer):
+    """The fused q/k/v weight is cached between passes; writing a base weight in place (or
+    swapping it) must invalidate the cache, or the fast path would train on stale weights."""
+    built = _lora_model(model_dir, "qv", seed=2)
+    model = built.model
+    b = collate(_batch(tokenizer, seed=6), tokenizer.pad_token_id)
+    fast, ref = CausalLMLoss(model, True, True), CausalLMLoss(model, False, False)
+    assert fast.fused is not None, fast.fused_reason
+    before = fast(b.input_ids, b.attention_mask, b.labels)[0].item()
+    layer = fast.fused.lm.model.layers[0].self_attn
+    with torch.no_grad():
+        layer.v_proj.base_layer.weight.mul_(5.0)  # in place: same tensor, new version
+        layer.k_proj.weight = torch.nn.Parameter(layer.k_proj.weight * 0.5, requires_grad=False)  # swapped
+    after, expected = fast(b.input_ids, b.attention_mask, b.labels)[0].item(), ref(b.input_ids, b.attention_mask, b.labels)[0].item()
+    assert abs(expected - before) > 1e-3 * abs(before)  # a stale cache would give `before`
+    assert after == pytest.approx(expected, rel=1e-5)
+
+
 def test_shared_prefix_is_exact(model_dir, tokenizer):
     """A prompt prefix common to the examples is computed once; loss and gradients don't change."""
     built = _lora_model(model_dir, "all-linear", seed=4)

@@ -14,7 +14,8 @@ Three levels, each switchable in ``TrainConfig`` (docs/performance.md has the me
   computes each chunk's gradient in the forward pass and keeps only that ``(N, H)`` gradient:
   logits memory is one chunk whatever the batch.
 * fused decoder (``fused_decoder: true``, the default, for llama/mistral/qwen2 models with a
-  frozen base and LoRA or no adapters): the decoder layers written out with their backward
+  frozen base and LoRA or no adapters, on the CPU; on CUDA the transformers forward with SDPA is
+  used with trained-only logits): the decoder layers written out with their backward
   (:class:`FusedLlama`). Examples are packed end to end without padding and attention runs per
   example (one causal flash-attention call each), so no token attends across examples and no
   compute goes to padding; a prompt prefix common to the examples of a pass (a default system
@@ -66,22 +67,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        # One (chunk, V) logits buffer for all chunks, softmax computed in place: a fresh 100 MB
+        # tensor per chunk (several per chunk with log_softmax) comes from mmap on glibc and
+        # page-faults on first touch: measured here, a 512 x 49152 softmax took 62 ms into fresh
+        # memory and 23 ms into reused memory (docs/performance.md).
+        buf = torch.empty((min(chunk, n), weight.shape[0]), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
             hc, yc = h[s:s + chunk], targets[s:s + chunk]
-            logits = hc @ weight.t()
-            lsm = torch.log_softmax(logits.float(), dim=-1)
-            del logits
-            picked = lsm.gather(1, yc[:, None])
-            loss += -picked.sum()
+            m = hc.shape[0]
+            logits = buf[:m]
+            if weight.dtype == torch.float32 and hc.dtype == torch.float32:
+                torch.mm(hc, weight.t(), out=logits)
+            else:
+                logits.copy_(hc @ weight.t())
+            picked = logits.gather(1, yc[:, None])  # (m, 1)
+            mx = logits.amax(1, keepdim=True)
+            p = logits.sub_(mx).exp_()  # unnormalised softmax, in place
+            total = p.sum(1, keepdim=True)
+            loss += (total.log() + mx - picked).sum()  # logsumexp - logit[y]
             if need_h or need_w:
-                p = lsm.exp_()  # softmax, in place
+                p.div_(total)  # softmax
                 p.scatter_add_(1, yc[:, None], torch.full_like(picked, -1.0))  # softmax - onehot
-                p = p.to(weight.dtype)
+                pw = p if weight.dtype == torch.float32 else p.to(weight.dtype)
                 if need_h:
-                    torch.mm(p, weight, out=dh[s:s + chunk])
+                    torch.mm(pw, weight, out=dh[s:s + chunk])
                 if need_w:
-                    dw.addmm_(p.t().float(), hc.float())
-            del lsm
+                    dw.addmm_(p.t(), hc.float())
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(dh, dw)
         return loss
@@ -273,6 +284,7 @@ class _AttnSpec:
     scale: float
     perm_q: torch.Tensor  # row permutation: half-rotation layout -> interleaved pairs
     perm_k: torch.Tensor
+    w_qkv: torch.Tensor  # (Q + 2K, H): q (rows permuted), k (permuted), v weights as one matrix
     groups: list["Group"]  # the causal sequences attention runs over (one per example)
 
 
@@ -382,7 +394,7 @@ class _AttnBlock(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, freqs: torch.Tensor, sp: _AttnSpec, *params: torch.Tensor) -> torch.Tensor:
         xr, rstd = _rms(x, sp.eps)
         xn = xr * sp.norm_w
-        W = torch.cat([sp.q.weight.index_select(0, sp.perm_q), sp.k.weight.index_select(0, sp.perm_k), sp.v.weight])
+        W = sp.w_qkv
         if sp.q.bias is not None or sp.k.bias is not None or sp.v.bias is not None:
             zeros = lambda p: torch.zeros(p.weight.shape[0], dtype=W.dtype, device=W.device)  # noqa: E731
             bias = torch.cat([(sp.q.bias if sp.q.bias is not None else zeros(sp.q)).index_select(0, sp.perm_q),
@@ -429,9 +441,7 @@ class _AttnBlock(torch.autograd.Function):
         xn = xr * sp.norm_w
         dxn = None
         if need_x:
-            W = torch.cat([sp.q.weight.index_select(0, sp.perm_q), sp.k.weight.index_select(0, sp.perm_k), sp.v.weight])
-            dxn = dqkv @ W
-            del W
+            dxn = dqkv @ sp.w_qkv
         sl = {"q": slice(0, Q), "k": slice(Q, Q + K), "v": slice(Q + K, Q + 2 * K)}
         perms = {"q": sp.perm_q, "k": sp.perm_k, "v": None}
         for name in ("q", "k", "v"):
@@ -531,6 +541,7 @@ class FusedLlama:
     def __init__(self, model: nn.Module):
         self.model = model
         self.lm = _unwrap_causal_lm(model)
+        self._qkv_cache: dict[int, tuple] = {}
         self.check()
 
     def check(self) -> None:
@@ -539,6 +550,11 @@ class FusedLlama:
         mt = getattr(cfg, "model_type", None)
         if mt not in self.MODEL_TYPES:
             raise Unsupported(f"model type {mt!r} (fused decoder: {', '.join(self.MODEL_TYPES)})")
+        dev = next(lm.parameters()).device
+        if dev.type != "cpu":
+            # the attention kernels called here are PyTorch's CPU flash attention; on CUDA the
+            # transformers forward with SDPA / flash attention is the fast path
+            raise Unsupported(f"device {dev.type} (the fused decoder is the CPU fast path)")
         dec = getattr(lm, "model", None)
         for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if not hasattr(dec, attr):
@@ -563,18 +579,29 @@ class FusedLlama:
             for m in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 _proj(m)
 
+    def _qkv(self, i: int, q: _Proj, k: _Proj, v: _Proj, nh: int, nkv: int, d: int, device: torch.device):
+        """Layer i's row permutations and fused q/k/v weight, rebuilt only when a weight changes
+        (another tensor, or the same one written in place): 30 layers x 2 MB per pass otherwise."""
+        key = tuple((id(p.weight), p.weight.data_ptr(), p.weight._version) for p in (q, k, v))
+        hit = self._qkv_cache.get(i)
+        if hit is None or hit[0] != key:
+            perm_q, perm_k = _pair_perm(nh, d, device), _pair_perm(nkv, d, device)
+            w = torch.cat([q.weight.index_select(0, perm_q), k.weight.index_select(0, perm_k), v.weight])
+            hit = self._qkv_cache[i] = (key, perm_q, perm_k, w)
+        return hit[1:]
+
     def _specs(self, groups: list[Group], device: torch.device):
         dec = self.lm.model
         cfg = self.lm.config
         specs = []
-        for layer in dec.layers:
+        for i, layer in enumerate(dec.layers):
             att, mlp = layer.self_attn, layer.mlp
             d = att.head_dim
             nh = cfg.num_attention_heads
             nkv = cfg.num_key_value_heads
+            q, k, v = _proj(att.q_proj), _proj(att.k_proj), _proj(att.v_proj)
             a = _AttnSpec(layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
-                          _proj(att.q_proj), _proj(att.k_proj), _proj(att.v_proj), _proj(att.o_proj),
-                          nh, nkv, d, float(att.scaling), _pair_perm(nh, d, device), _pair_perm(nkv, d, device), groups)
+                          q, k, v, _proj(att.o_proj), nh, nkv, d, float(att.scaling), *self._qkv(i, q, k, v, nh, nkv, d, device), groups)
             m = _MlpSpec(layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
                          _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj))
             specs.append((a, m))
@@ -691,7 +718,8 @@ class CausalLMLoss(nn.Module):
             return loss, n
         lm = _unwrap_causal_lm(self.model)
         head = lm.get_output_embeddings()
-        packed = pack(input_ids, attention_mask, labels, self.share_prefix) if self.fused is not None else None
+        fused = self.fused is not None and input_ids.device.type == "cpu"  # the model may have moved since
+        packed = pack(input_ids, attention_mask, labels, self.share_prefix) if fused else None
         if packed is not None:
             with torch.autocast(input_ids.device.type, enabled=False):
                 hidden = self.fused.hidden(packed.ids, packed.positions, packed.groups)  # (N, H)
