@@ -103,8 +103,11 @@ def main() -> int:
     cells = [tuple(map(int, c.split("x"))) for c in args.cells] if args.cells else [(s, b) for s in SEQS for b in BATCHES]
     cells.sort(key=lambda c: c[0] * c[1])  # small first: their speed estimates the big ones
     results, rate = [], None  # rate: tokens/s of the last cell measured, for estimates
+    from tunelab.config import TrainConfig
+
+    per_pass = args.max_tokens_per_pass or TrainConfig().max_tokens_per_pass or 0  # the worker's warm-up is one such pass
     for seq, batch in cells:
-        tokens = seq * batch * args.steps + args.warmup * min(seq * batch, max(seq, 2048))
+        tokens = seq * batch * args.steps + args.warmup * min(seq * batch, max(seq, per_pass))
         if rate is not None:
             # attention grows with the length: scale the estimate by (1 + seq / 1500) relative to the last cell
             est = tokens / rate * (1 + seq / 1500) / (1 + results[-1]["seq"] / 1500) + 30

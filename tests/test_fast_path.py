@@ -220,6 +220,7 @@ def test_fused_handles_qkv_bias(tmp_path, tokenizer):
     fast, ref = CausalLMLoss(built.model, True, True), CausalLMLoss(built.model, False, False)
     assert fast.fused is not None, fast.fused_reason
     (lf, nf), (lr, nr) = fast(b.input_ids, b.attention_mask, b.labels), ref(b.input_ids, b.attention_mask, b.labels)
+    assert int(nf) == int(nr) == b.n_trained
     assert lf.item() == pytest.approx(lr.item(), rel=1e-5)
     for a, r in zip(torch.autograd.grad(lf, params), torch.autograd.grad(lr, params)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
@@ -288,6 +289,15 @@ def test_dropout_mask_rate_and_eval_mode(model_dir, tokenizer):
     assert t1 != t2 and abs(t1 - r) / r < 0.2
 
 
+def _fill_lora_b(model) -> None:
+    """A trained-looking adapter, the same in every model built from the same config: B != 0,
+    seeded by each matrix's size rather than the global RNG."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+
+
 def test_gradient_checkpointing_is_exact_with_dropout(model_dir, tokenizer):
     """train.gradient_checkpointing recomputes each fused layer in backward with the same RNG."""
     b = collate(_batch(tokenizer, seed=10), tokenizer.pad_token_id)
@@ -297,10 +307,7 @@ def test_gradient_checkpointing_is_exact_with_dropout(model_dir, tokenizer):
                                 "train": {"gradient_checkpointing": gc}})
         torch.manual_seed(0)
         model = build_model(cfg, CPU).model
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        _fill_lora_b(model)
         fn = CausalLMLoss(model, True, True).train()
         assert fn.fused is not None
         torch.manual_seed(123)
@@ -321,12 +328,12 @@ def test_bf16_base_is_as_accurate_as_transformers(model_dir, tokenizer):
         cfg = config_from_dict({"model": {"name": model_dir, "dtype": dtype}, "lora": {"rank": 4, "targets": "all-linear", "dropout": 0.0}})
         torch.manual_seed(0)
         model = build_model(cfg, CPU).model
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-                elif not p.requires_grad and dtype == "fp32":
-                    p.copy_(p.to(torch.bfloat16).float())  # the bf16 model's weights, computed in fp32
+        _fill_lora_b(model)
+        if dtype == "fp32":
+            with torch.no_grad():
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.copy_(p.to(torch.bfloat16).float())  # the bf16 model's weights, computed in fp32
         params = [p for p in model.parameters() if p.requires_grad]
         for fused in ((True, False) if dtype == "bf16" else (False,)):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):

@@ -40,7 +40,7 @@ def test_errors_exit_1_and_json_to_stdout(tmp_path, capsys):
 
 
 def test_config_supplies_data_tokenizer_template_and_max_seq_len(tmp_path, capsys):
-    train = write_jsonl(tmp_path / "train.jsonl", [
+    write_jsonl(tmp_path / "train.jsonl", [  # the config names it as train.jsonl
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " ".join(["ok"] * 8)}]},
         {"messages": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "ok"}]},
     ])

@@ -29,9 +29,8 @@ Three levels, each switchable in ``TrainConfig`` (docs/performance.md has the me
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -285,6 +284,7 @@ class _AttnSpec:
     perm_q: torch.Tensor  # row permutation: half-rotation layout -> interleaved pairs
     perm_k: torch.Tensor
     w_qkv: torch.Tensor  # (Q + 2K, H): q (rows permuted), k (permuted), v weights as one matrix
+    b_qkv: Optional[torch.Tensor]  # (Q + 2K,) their biases likewise (zeros for a missing one), or None
     groups: list["Group"]  # the causal sequences attention runs over (one per example)
 
 
@@ -394,16 +394,7 @@ class _AttnBlock(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, freqs: torch.Tensor, sp: _AttnSpec, *params: torch.Tensor) -> torch.Tensor:
         xr, rstd = _rms(x, sp.eps)
         xn = xr * sp.norm_w
-        W = sp.w_qkv
-        if sp.q.bias is not None or sp.k.bias is not None or sp.v.bias is not None:
-            zeros = lambda p: torch.zeros(p.weight.shape[0], dtype=W.dtype, device=W.device)  # noqa: E731
-            bias = torch.cat([(sp.q.bias if sp.q.bias is not None else zeros(sp.q)).index_select(0, sp.perm_q),
-                              (sp.k.bias if sp.k.bias is not None else zeros(sp.k)).index_select(0, sp.perm_k),
-                              sp.v.bias if sp.v.bias is not None else zeros(sp.v)])
-            qkv = torch.addmm(bias, xn, W.t())
-        else:
-            qkv = xn @ W.t()
-        del W
+        qkv = xn @ sp.w_qkv.t() if sp.b_qkv is None else torch.addmm(sp.b_qkv, xn, sp.w_qkv.t())
         Q, K = sp.n_heads * sp.head_dim, sp.n_kv * sp.head_dim
         sl = {"q": slice(0, Q), "k": slice(Q, Q + K), "v": slice(Q + K, Q + 2 * K)}
         perms = {"q": sp.perm_q, "k": sp.perm_k, "v": None}
@@ -580,14 +571,20 @@ class FusedLlama:
                 _proj(m)
 
     def _qkv(self, i: int, q: _Proj, k: _Proj, v: _Proj, nh: int, nkv: int, d: int, device: torch.device):
-        """Layer i's row permutations and fused q/k/v weight, rebuilt only when a weight changes
-        (another tensor, or the same one written in place): 30 layers x 2 MB per pass otherwise."""
-        key = tuple((id(p.weight), p.weight.data_ptr(), p.weight._version) for p in (q, k, v))
+        """Layer i's row permutations and fused q/k/v weight and bias, rebuilt only when one of
+        them changes (another tensor, or the same one written in place): otherwise 30 layers x
+        2 MB of copies per pass."""
+        tensors = [t for p in (q, k, v) for t in (p.weight, p.bias) if t is not None]
+        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
         hit = self._qkv_cache.get(i)
         if hit is None or hit[0] != key:
             perm_q, perm_k = _pair_perm(nh, d, device), _pair_perm(nkv, d, device)
             w = torch.cat([q.weight.index_select(0, perm_q), k.weight.index_select(0, perm_k), v.weight])
-            hit = self._qkv_cache[i] = (key, perm_q, perm_k, w)
+            b = None
+            if any(p.bias is not None for p in (q, k, v)):
+                bias = lambda p: p.bias if p.bias is not None else w.new_zeros(p.weight.shape[0])  # noqa: E731
+                b = torch.cat([bias(q).index_select(0, perm_q), bias(k).index_select(0, perm_k), bias(v)])
+            hit = self._qkv_cache[i] = (key, perm_q, perm_k, w, b)
         return hit[1:]
 
     def _specs(self, groups: list[Group], device: torch.device):
