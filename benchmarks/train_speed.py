@@ -156,12 +156,12 @@ def build_plan(args: argparse.Namespace, precisions: dict[str, str]) -> dict:
     from tunelab.data.pipeline import prepare_data
     from tunelab.data.render import Renderer
     from tunelab.models.load import load_tokenizer, resolve_model_path
-    from tunelab.train.recipe import MicroBatchStream
+    from tunelab.data.batching import MicroBatchStream
 
     cfg = config_from_dict(tunelab_config(args, precisions.get("tunelab", "fp32"), "unused"))
     path = resolve_model_path(MODEL)
     tok = load_tokenizer(path)
-    data = prepare_data(cfg, Renderer(tok, cfg.template))
+    data = prepare_data(cfg, Renderer.from_config(tok, cfg))
     stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping, 0, 1)
     steps = [list(stream[k]) for k in range(args.steps)]
     rows, examples = [], []

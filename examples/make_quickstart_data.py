@@ -1,7 +1,7 @@
 """Generate the quickstart dataset: turn a free-text order into a fixed "ticket" line.
 
 Written for tunelab (not copied from anywhere). SFT teaches format and behaviour
-(cheatsheet 01), so the task is a house format the base model cannot guess:
+(docs/practices.md#sft-format-not-facts), so the task is a house format the base model cannot guess:
 ``TICKET item=mug color=blue qty=8 city=Madrid`` and nothing else. Seeded, so every run
 gets the same data.
 

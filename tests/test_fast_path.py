@@ -23,8 +23,11 @@ from tunelab.data.batching import collate, split_by_tokens, trained_length
 from tunelab.data.pipeline import prepare_data
 from tunelab.data.render import IGNORE, EncodedExample, Renderer
 from tunelab.models.build import build_model
-from tunelab.train.loss import CausalLMLoss, _mask, linear_cross_entropy, pack
-from tunelab.train.recipe import MicroBatchStream, train
+from tunelab.data.batching import MicroBatchStream
+from tunelab.kernels.fused_llama import _mask
+from tunelab.kernels.linear_ce import linear_cross_entropy
+from tunelab.train.loss import CausalLMLoss, pack
+from tunelab.train.recipe import train
 from tunelab.train.schedule import make_scheduler
 
 CPU = torch.device("cpu")

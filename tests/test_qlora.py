@@ -205,7 +205,7 @@ def test_adapter_round_trip(model_dir, tmp_path):
     keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert keys and all("lora_" in k for k in keys)  # the adapter only, never the NF4 base
 
-    base = prepare_quantized_base(load_model(model_dir, torch.float32, quantization_config=nf4_config(torch.float32)), cfg, CPU)
+    base = prepare_quantized_base(load_model(model_dir, torch.float32, quantization_config=nf4_config(torch.float32)), CPU)
     again = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         after = again(input_ids=ids).logits
@@ -259,7 +259,7 @@ def test_merge_matches_qlora_forward(qlora_run, tmp_path):
 
     from tunelab.infer.generate import load_for_inference
     from tunelab.models.merge import merge_run
-    from tunelab.models.quantize import dequantized_base_state_dict
+    from tunelab.models.merge import dequantized_base_state_dict
 
     result, _, cfg = qlora_run
     loaded = load_for_inference(str(result.run_dir), device=CPU)  # NF4 base + the trained adapter

@@ -49,13 +49,12 @@ def test_exactly_assistant_tokens_and_eot_are_trained(tokenizer, template):
 
 @pytest.mark.parametrize("template", ["chatml", "llama3", "alpaca"])
 def test_train_on_variants(tokenizer, template):
-    r = Renderer(tokenizer, template)
     eot = EOT.get(template) or tokenizer.eos_token
-    (last,), _ = r.encode_many([MULTI], train_on="last_assistant")
+    (last,), _ = Renderer(tokenizer, template, train_on="last_assistant").encode_many([MULTI])
     assert [tokenizer.decode(x) for x in trained_runs(last)] == ["4, of course." + eot]
-    (every,), _ = r.encode_many([MULTI], train_on="all")
+    (every,), _ = Renderer(tokenizer, template, train_on="all").encode_many([MULTI])
     assert every.labels == every.input_ids
-    (asst,), _ = r.encode_many([MULTI], train_on="assistant")
+    (asst,), _ = Renderer(tokenizer, template, train_on="assistant").encode_many([MULTI])
     assert last.n_trained < asst.n_trained < every.n_trained
 
 

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from tinymodels import write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.models.build import build_model
-from tunelab.train.checkpoint import atomic_dir, latest_checkpoint, list_checkpoints, load_checkpoint
+from tunelab.files import atomic_dir
+from tunelab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from tunelab.train.recipe import train
 
 CPU = torch.device("cpu")

@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Optional
 
+from .audit.cli import add_audit_parser
 from .config import ConfigError, describe, load_config
 
 
@@ -30,7 +31,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
     cfg, _ = _load(args)
     tok = load_tokenizer(resolve_model_path(cfg.model.name), cfg.model.trust_remote_code)
-    preview(cfg, Renderer(tok, cfg.template), args.n, args.json)
+    preview(cfg, Renderer.from_config(tok, cfg), args.n, args.json)
     return 0
 
 
@@ -157,12 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd = sub.add_parser("config-doc", help="list every config key with its default and meaning")
     cd.set_defaults(func=cmd_config_doc)
 
-    try:
-        from .audit.cli import add_audit_parser
-
-        add_audit_parser(sub)
-    except ImportError:
-        pass
+    add_audit_parser(sub)
     return p
 
 

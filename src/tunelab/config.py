@@ -33,6 +33,9 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = datacla
     return field(**kw)
 
 
+TrainOn = Literal["assistant", "last_assistant", "all"]  # which tokens carry loss; see DataConfig.train_on
+
+
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded), a Hugging Face id, a local dir, or a .gguf file.")
@@ -55,7 +58,7 @@ class DataConfig:
     eval: Optional[DatasetEntry] = _f(None, "Eval dataset {path, format}. Takes precedence over eval_fraction.")
     eval_fraction: float = _f(0.0, "Fraction of the training data split off for eval, seeded and stratified by task.")
     on_error: Literal["raise", "skip"] = _f("raise", "Bad records: raise an error naming file:line, or skip them and report the count.")
-    train_on: Literal["assistant", "last_assistant", "all"] = _f("assistant", "Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one, or all tokens.")
+    train_on: TrainOn = _f("assistant", "Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one, or all tokens.")
     max_seq_len: int = _f(1024, "Maximum tokens per example.")
     truncation: Literal["drop", "truncate_prompt"] = _f("drop", "Over-long examples: drop them, or cut the prompt from the left. Examples that would lose every completion token are never trained.")
     audit: Literal["off", "warn", "strict"] = _f("warn", "Data audit before training: off, warn (print a summary), strict (refuse to train on error findings).")
@@ -63,10 +66,10 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = _f(16, "LoRA rank r (cheatsheet: 4-64 typical; >128 defeats the purpose).")
+    rank: int = _f(16, "LoRA rank r: 4-64 typical; above 128 defeats the purpose (docs/practices.md#lora-rank).")
     alpha: Optional[float] = _f(None, "LoRA alpha; default 2 x rank.")
-    dropout: float = _f(0.05, "Dropout on the LoRA input (cheatsheet: 0.05-0.1).")
-    targets: Union[str, list[str]] = _f("qv", "Modules: qv (q_proj+v_proj, the cheatsheet's start), attention, all-linear, or a list of module names.")
+    dropout: float = _f(0.05, "Dropout on the LoRA input: 0.05-0.1 regularises (docs/practices.md#reg-dropout).")
+    targets: Union[str, list[str]] = _f("qv", "Modules: qv (q_proj+v_proj, the usual start: docs/practices.md#lora-targets), attention, all-linear, or a list of module names.")
     layers: Union[str, list[int]] = _f("all", "Layers that get adapters: all, top:N (the N closest to the output), or a list of indices.")
 
 
@@ -84,7 +87,7 @@ class TrainConfig:
     max_steps: Optional[int] = _f(None, "Optimizer steps; overrides epochs.")
     batch_size: int = _f(8, "Examples per micro-batch (per process).")
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
-    warmup: float = _f(0.05, "Warmup as a fraction of total steps (cheatsheet: 3-10%).")
+    warmup: float = _f(0.05, "Warmup as a fraction of total steps: 3-10% (docs/practices.md#hp-warmup).")
     schedule: Literal["cosine", "linear", "constant_with_warmup"] = _f("cosine", "LR schedule after warmup.")
     min_lr_ratio: float = _f(0.0, "Final LR as a fraction of the peak.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")

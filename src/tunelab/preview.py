@@ -18,7 +18,7 @@ def preview(cfg: Config, renderer: Renderer, n: int = 3, as_json: bool = False, 
     out = []
     console = console or Console()
     for conv in train[:n]:
-        seg = renderer.segments(conv, cfg.data.train_on)
+        seg = renderer.segments(conv)
         out.append(seg)
         if as_json:
             print(json.dumps(seg, ensure_ascii=False))

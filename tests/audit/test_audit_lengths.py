@@ -92,15 +92,15 @@ def _mixed_rows(n=100, seed=0):
 def test_fast_counts_equal_encode_many(tmp_path, tokenizer, template, train_on):
     from tunelab.data.render import Renderer
 
-    r = Renderer(tokenizer, template)
+    r = Renderer(tokenizer, template, train_on)
     rows = _mixed_rows()
     paths = []
     for kind in range(4):  # one format per file
         paths.append(write_jsonl(tmp_path / f"k{kind}.jsonl", rows[kind::4]))
     recs = _records(paths)
-    tc = count_tokens(recs, r, train_on, max_seq_len=64)
+    tc = count_tokens(recs, r, max_seq_len=64)
     assert tc.fast == len(recs) and tc.slow == 0 and not tc.note
-    exs, _ = r.encode_many([x.conv for x in recs], train_on, None, "drop", check_parity=False)
+    exs, _ = r.encode_many([x.conv for x in recs], None, "drop", check_parity=False)
     for rec, ex in zip(recs, exs):
         assert ex.source == rec.where
         assert _from_labels(ex.labels, 64) == (tc.total[rec.idx], tc.trained[rec.idx], tc.kept_trained[rec.idx]), rec.where

@@ -12,7 +12,9 @@ import argparse
 import sys
 from typing import Any, Optional
 
+from ..config import DataConfig
 from ..data.formats import FORMATS
+from ..data.render import TRAIN_ON_CHOICES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_SPOT_CHECK = "audit-spotcheck.html"
@@ -44,7 +46,7 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--model", default=None, help=f"model whose tokenizer measures lengths (default: the config's, else {DEFAULT_MODEL})")
     a.add_argument("--template", default=None, help="template (default: the config's, else auto)")
     a.add_argument("--max-seq-len", type=int, default=None, help="max_seq_len (default: the config's, else 1024)")
-    a.add_argument("--train-on", choices=("assistant", "last_assistant", "all"), default=None, help="trained tokens (default: the config's, else assistant)")
+    a.add_argument("--train-on", choices=TRAIN_ON_CHOICES, default=None, help=f"trained tokens (default: the config's, else {DataConfig.train_on})")
     a.add_argument("--length-sample", type=int, default=10000, metavar="N",
                    help="above N records, length percentiles come from a seeded sample of N (over-limit counts stay exact); 0 = tokenize all")
     a.add_argument("--no-tokenizer", action="store_true", help="count words instead of tokens (no tokenizer is loaded)")
@@ -64,7 +66,6 @@ def build_options(args: argparse.Namespace, cfg: Any = None) -> Any:
         near_dups=not args.no_near_dups,
         imbalance_threshold=args.imbalance_threshold,
         max_seq_len=args.max_seq_len if args.max_seq_len is not None else (d.max_seq_len if d is not None else 1024),
-        train_on=args.train_on or (d.train_on if d is not None else "assistant"),
         length_sample=args.length_sample or None,
         sample=args.sample,
         spot_check_path=args.spot_check if args.sample > 0 else None,
@@ -131,8 +132,9 @@ def run_audit_command(args: argparse.Namespace, console: Any = None) -> int:
             model = args.model or (cfg.model.name if cfg is not None else DEFAULT_MODEL)
             template = args.template or (cfg.template if cfg is not None else "auto")
             trust = cfg.model.trust_remote_code if cfg is not None else False
+            train_on = args.train_on or (cfg.data.train_on if cfg is not None else DataConfig.train_on)
             with console.status(f"loading the tokenizer of {model}"):
-                renderer, info = load_renderer(model, template, trust)
+                renderer, info = load_renderer(model, template, trust, train_on)
             if renderer is None:
                 err.print(f"[yellow]tunelab audit: the tokenizer of {model} did not load ({info['error'][:300]}); "
                           "lengths are word counts[/yellow]")

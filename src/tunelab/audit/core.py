@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..config import DataConfig
 from ..data.formats import DataError
 from . import artifacts, balance, dedup, lengths, neardup, schema
 from .findings import Tally
@@ -39,7 +40,6 @@ class AuditOptions:
     label_min_records: int = 200  # ...over at least this many records
     max_seq_len: Optional[int] = 1024
     length_sample: Optional[int] = 10000  # tokenize a sample of this many (+ every record that may not fit); None: all
-    train_on: str = "assistant"
     sample: int = 100  # spot-check records
     spot_check_path: Optional[str] = None  # None: no spot-check file
     seed: int = 0
@@ -56,14 +56,14 @@ def _as_source(x: Any, split: str) -> DataSource:
     return DataSource(str(x), split)
 
 
-def load_renderer(model: str, template: str = "auto", trust_remote_code: bool = False) -> tuple[Any, dict]:
+def load_renderer(model: str, template: str = "auto", trust_remote_code: bool = False, train_on: str = DataConfig.train_on) -> tuple[Any, dict]:
     """(Renderer, info) for a model's tokenizer; (None, info with the reason) when it cannot load,
     so that the audit can fall back to word counts and say so."""
     from ..data.render import Renderer
 
     try:
         tok = _tokenizer(model, trust_remote_code)
-        r = Renderer(tok, template)
+        r = Renderer(tok, template, train_on)
     except Exception as e:  # any failure: missing package, hub unreachable, no chat template
         return None, {"model": model, "template": template, "unit": "words", "error": f"{type(e).__name__}: {e}"}
     return r, renderer_info(r, model)
@@ -133,7 +133,7 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
     if renderer is not None:
         from .tokens import TokenJob
 
-        token_job = TokenJob(records, renderer, opts.train_on, opts.max_seq_len, seed=opts.seed, sample_size=opts.length_sample)
+        token_job = TokenJob(records, renderer, opts.max_seq_len, seed=opts.seed, sample_size=opts.length_sample)
         lap("tokens_prepare")
 
     # 2. normalized views, exact duplicates, conflicts
@@ -178,7 +178,7 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
     if opts.spot_check_path and opts.sample > 0:
         from .spotcheck import write_spot_check
 
-        spot = write_spot_check(opts.spot_check_path, records, opts.sample, opts.seed, renderer, opts.train_on, bal.label_of)
+        spot = write_spot_check(opts.spot_check_path, records, opts.sample, opts.seed, renderer, bal.label_of)
         lap("spot_check")
 
     leaked = {e for e, _, _ in dups.leaks} | ({e for e, _, _ in near.leaks} if near else set())

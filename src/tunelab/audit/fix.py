@@ -12,15 +12,14 @@ Eval files are not rewritten (only their leakage into train is reported).
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..files import atomic_write_jsonl
 from .reader import AuditRecord
 from .report import AuditReport
 from .schema import untrainable_ids
@@ -165,25 +164,9 @@ def write_fixed(report: AuditReport, out: str | Path, balance: Optional[str] = N
     for r in kept:
         by_out[mapping[r.path]].append(r)
     for target in dict.fromkeys(mapping.values()):
-        _atomic_jsonl(target, by_out.get(target, []))
+        atomic_write_jsonl(target, [r.data for r in by_out.get(target, [])])
         res.outputs.append(str(target))
     res.written = len(kept)
     if any(f.split == "eval" for f in report.files):
         res.notes.append("eval files are not rewritten; remove leaked records from train or eval by hand if reported")
     return res
-
-
-def _atomic_jsonl(path: Path, records: list[AuditRecord]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r.data, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

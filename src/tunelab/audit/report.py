@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..files import atomic_write_text
 from .findings import ERROR, INFO, WARNING, Finding, sort_findings
 from .reader import AuditRecord, FileInfo
 
@@ -84,8 +85,6 @@ class AuditReport:
         return json.dumps(_clean(self.to_dict()), indent=indent, ensure_ascii=False, allow_nan=False)
 
     def write_json(self, path: str | Path) -> None:
-        from .spotcheck import atomic_write_text
-
         atomic_write_text(Path(path), self.to_json() + "\n")
 
     def grouped(self) -> list[tuple[Finding, int, int]]:

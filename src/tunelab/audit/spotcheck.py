@@ -8,14 +8,13 @@ part (what carries loss) told apart from the masked part, and a column for the r
 from __future__ import annotations
 
 import html
-import os
 import random
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text
 from .reader import AuditRecord
 
 
@@ -49,12 +48,12 @@ def stratified_sample(records: list[AuditRecord], n: int, seed: int, label_of: d
     return out
 
 
-def segments(rec: AuditRecord, renderer: Any, train_on: str) -> list[tuple[str, bool]]:
+def segments(rec: AuditRecord, renderer: Any) -> list[tuple[str, bool]]:
     """The rendered text as (text, trained) runs; without a renderer a plain role: text view."""
     conv = rec.conv
     if renderer is not None:
         try:
-            rt = renderer.render_with_offsets(conv, train_on)
+            rt = renderer.render_with_offsets(conv)
         except Exception as e:  # the template error is also a finding; show it here too
             return [(f"[cannot render: {e}]", False)]
         out, pos = [], 0
@@ -101,10 +100,10 @@ function exportMarks(){
 """
 
 
-def to_html(sample: list[AuditRecord], renderer: Any, train_on: str, label_of: dict[int, str], title: str) -> str:
+def to_html(sample: list[AuditRecord], renderer: Any, label_of: dict[int, str], title: str) -> str:
     rows = []
     for k, r in enumerate(sample, 1):
-        body = "".join(f'<span class="{"t" if t else "m"}">{html.escape(s)}</span>' for s, t in segments(r, renderer, train_on))
+        body = "".join(f'<span class="{"t" if t else "m"}">{html.escape(s)}</span>' for s, t in segments(r, renderer))
         label = label_of.get(r.idx)
         meta = html.escape(r.task or "") + (f"<br>label: <b>{html.escape(label)}</b>" if label else "")
         marks = "".join(f'<label><input type="radio" name="m{k}" value="{v}"> {v}</label><br>' for v in ("ok", "fix", "drop"))
@@ -123,7 +122,7 @@ def to_html(sample: list[AuditRecord], renderer: Any, train_on: str, label_of: d
     )
 
 
-def to_markdown(sample: list[AuditRecord], renderer: Any, train_on: str, label_of: dict[int, str], title: str) -> str:
+def to_markdown(sample: list[AuditRecord], renderer: Any, label_of: dict[int, str], title: str) -> str:
     lines = [f"# {title}", "",
              f"{len(sample)} records, seeded and stratified by task and label. In each training text the part between "
              "⟦ and ⟧ is **trained** (carries loss); everything else is masked (prompt, template).",
@@ -133,7 +132,7 @@ def to_markdown(sample: list[AuditRecord], renderer: Any, train_on: str, label_o
     for k, r in enumerate(sample, 1):
         lines.append(f"| {k} | [{esc(r.where)}](#r{k}) | {esc(r.task or '')} | {esc(label_of.get(r.idx, ''))} | ☐ ok ☐ fix ☐ drop |")
     for k, r in enumerate(sample, 1):
-        text = "".join(f"⟦{s}⟧" if t else s for s, t in segments(r, renderer, train_on))
+        text = "".join(f"⟦{s}⟧" if t else s for s, t in segments(r, renderer))
         longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
         fence = "`" * max(3, longest + 1)
         lines += ["", f'<a id="r{k}"></a>', f"## {k}. {r.where}", "", f"task: {r.task or '-'}"
@@ -142,25 +141,12 @@ def to_markdown(sample: list[AuditRecord], renderer: Any, train_on: str, label_o
     return "\n".join(lines) + "\n"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_spot_check(path: str | Path, records: list[AuditRecord], n: int, seed: int, renderer: Any, train_on: str,
+def write_spot_check(path: str | Path, records: list[AuditRecord], n: int, seed: int, renderer: Any,
                      label_of: dict[int, str], title: str = "tunelab audit: spot check") -> dict:
     path = Path(path)
     sample = stratified_sample(records, n, seed, label_of)
     fmt = "markdown" if path.suffix.lower() in (".md", ".markdown") else "html"
-    text = (to_markdown if fmt == "markdown" else to_html)(sample, renderer, train_on, label_of, title)
+    text = (to_markdown if fmt == "markdown" else to_html)(sample, renderer, label_of, title)
     atomic_write_text(path, text)
     strata = len({(r.task, label_of.get(r.idx)) for r in sample})
     return {"path": str(path), "format": fmt, "records": len(sample), "strata": strata, "seed": seed}

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from ..data.formats import Conversation
-from ..data.render import IGNORE, Renderer
+from ..data.render import IGNORE, Renderer, chunk_spans
 from .reader import AuditRecord
 
 _S0, _S1 = "\ue000", "\ue001"  # private-use characters: sentinel brackets
@@ -77,9 +77,9 @@ def _locate(p: int, spans: list[tuple[int, int]], total: int) -> Optional[tuple[
     return None
 
 
-def build_skeleton(renderer: Renderer, roles: tuple[str, ...], train_on: str) -> Optional[Skeleton]:
+def build_skeleton(renderer: Renderer, roles: tuple[str, ...]) -> Optional[Skeleton]:
     msgs = [{"role": r, "content": _sent(j)} for j, r in enumerate(roles)]
-    rt = renderer.render_with_offsets(Conversation(messages=msgs), train_on)
+    rt = renderer.render_with_offsets(Conversation(messages=msgs))
     text = rt.text
     spans = []
     for j in range(len(roles)):
@@ -99,7 +99,7 @@ def build_skeleton(renderer: Renderer, roles: tuple[str, ...], train_on: str) ->
     trained = [(_locate(a, spans, len(text)), _locate(b, spans, len(text))) for a, b in rt.trained]
     if any(c is None for c in cuts) or any(a is None or b is None for a, b in trained):
         return None
-    if train_on != "all":
+    if renderer.train_on != "all":
         # The trained range must end on the template's end-of-turn marker; a template without
         # one ends it at the stripped content, which depends on the content.
         for _, b in trained:
@@ -109,24 +109,22 @@ def build_skeleton(renderer: Renderer, roles: tuple[str, ...], train_on: str) ->
     sk = Skeleton(pieces, cuts, trained)
     # The probe: contents with whitespace and markup must come out verbatim.
     probe = [_PROBE + _sent(j) + _PROBE for j in range(len(roles))]
-    if not _agrees(renderer, sk, roles, probe, train_on):
+    if not _agrees(renderer, sk, roles, probe):
         return None
     return sk
 
 
-def _agrees(renderer: Renderer, sk: Skeleton, roles: Sequence[str], contents: Sequence[str], train_on: str) -> bool:
-    rt = renderer.render_with_offsets(Conversation(messages=[{"role": r, "content": c} for r, c in zip(roles, contents)]), train_on)
+def _agrees(renderer: Renderer, sk: Skeleton, roles: Sequence[str], contents: Sequence[str]) -> bool:
+    rt = renderer.render_with_offsets(Conversation(messages=[{"role": r, "content": c} for r, c in zip(roles, contents)]))
     text, cuts, trained = sk.place(contents)
     return text == rt.text and cuts == list(rt.cuts) and trained == [tuple(t) for t in rt.trained]
 
 
 def _chunks(text: str, cuts: list[int], trained: list[tuple[int, int]]) -> Optional[list[tuple[str, bool]]]:
-    """The pieces encode_many tokenizes, each flagged trained or not (None if a piece straddles)."""
-    bounds = [0] + [c for c in cuts if 0 < c < len(text)] + [len(text)]
+    """The pieces encode_many tokenizes (render.chunk_spans, the very same cutting), each flagged
+    trained or not (None if a piece straddles a trained range's edge)."""
     out = []
-    for a, b in zip(bounds, bounds[1:]):
-        if b <= a:
-            continue
+    for a, b in chunk_spans(text, cuts):
         inside = any(s <= a and b <= e for s, e in trained)
         if not inside and any(a < e and s < b for s, e in trained):
             return None
@@ -180,10 +178,10 @@ def _bound(chunks: list[tuple[str, bool]]) -> int:
     return sum(len(_utf8(c)) + 1 for c, _ in chunks)
 
 
-def count_tokens(records: list[AuditRecord], renderer: Renderer, train_on: str = "assistant", max_seq_len: Optional[int] = None,
+def count_tokens(records: list[AuditRecord], renderer: Renderer, max_seq_len: Optional[int] = None,
                  batch: int = 4096, seed: int = 0, self_check: int = 24, sample_size: Optional[int] = 10000) -> TokenCounts:
     """Token counts of the rendered records (see :class:`TokenJob`)."""
-    return TokenJob(records, renderer, train_on, max_seq_len, batch, seed, self_check, sample_size).result()
+    return TokenJob(records, renderer, max_seq_len, batch, seed, self_check, sample_size).result()
 
 
 class TokenJob:
@@ -203,12 +201,12 @@ class TokenJob:
     record; if it ever fails, everything is tokenized.
     """
 
-    def __init__(self, records: list[AuditRecord], renderer: Renderer, train_on: str = "assistant", max_seq_len: Optional[int] = None,
+    def __init__(self, records: list[AuditRecord], renderer: Renderer, max_seq_len: Optional[int] = None,
                  batch: int = 4096, seed: int = 0, self_check: int = 24, sample_size: Optional[int] = 10000):
         from concurrent.futures import ThreadPoolExecutor
 
         self.t0 = time.perf_counter()
-        self.renderer, self.train_on, self.max_seq_len, self.batch, self.self_check = renderer, train_on, max_seq_len, batch, self_check
+        self.renderer, self.max_seq_len, self.batch, self.self_check = renderer, max_seq_len, batch, self_check
         n = len(records)
         self.out = TokenCounts("tokens", np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64), max_seq_len)
         self.count = token_counter(renderer.tokenizer)
@@ -266,13 +264,13 @@ class TokenJob:
         skeletons: dict[tuple, Optional[Skeleton]] = {}
         for roles, rs in by_roles.items():
             try:
-                sk = build_skeleton(self.renderer, roles, self.train_on)
+                sk = build_skeleton(self.renderer, roles)
             except Exception:  # the template rejects this role sequence: the slow path reports it per record
                 sk = None
             if sk is not None:
                 probe = rs[:4] + self.rng.sample(rs, min(4, len(rs)))
                 try:
-                    if not all(_agrees(self.renderer, sk, roles, [m["content"] for m in r.conv.messages], self.train_on)
+                    if not all(_agrees(self.renderer, sk, roles, [m["content"] for m in r.conv.messages])
                                for r in probe if not _has_sentinel(r.conv)):
                         sk = None
                 except Exception:
@@ -306,7 +304,7 @@ class TokenJob:
         # must hold on every record tokenized.
         fast_done = [r for r in todo if out.total[r.idx] >= 0]
         check = self.rng.sample(fast_done, min(self.self_check, len(fast_done)))
-        if check and not _matches(self.renderer, check, out, self.train_on, self.max_seq_len):
+        if check and not _matches(self.renderer, check, out, self.max_seq_len):
             out.note = "the fast token count disagreed with encode_many on a sample; every record was counted the slow way"
             slow, skipped = list(todo), []
             out.fast = 0
@@ -316,7 +314,7 @@ class TokenJob:
                 pending = [(r.idx, _record_chunks(r, self.skeletons, self.eos)) for r in skipped[k:k + self.batch]]
                 self._store(pending, self.count([c for _, chunks in pending for c, _ in chunks]))
             skipped = []
-        _slow_path(slow, self.renderer, self.train_on, self.max_seq_len, out)
+        _slow_path(slow, self.renderer, self.max_seq_len, out)
         out.slow = len(slow)
         out.within_bound = len(skipped)
         if self.sampling:
@@ -347,9 +345,9 @@ def _from_labels(labels: list[int], limit: Optional[int]) -> tuple[int, int, int
     return len(labels), trained, kept
 
 
-def _matches(renderer: Renderer, sample: list[AuditRecord], out: TokenCounts, train_on: str, limit: Optional[int]) -> bool:
+def _matches(renderer: Renderer, sample: list[AuditRecord], out: TokenCounts, limit: Optional[int]) -> bool:
     try:
-        exs, _ = renderer.encode_many([r.conv for r in sample], train_on, None, "drop", check_parity=False)
+        exs, _ = renderer.encode_many([r.conv for r in sample], None, "drop", check_parity=False)
     except Exception:
         return False
     by_src = {e.source: e for e in exs}
@@ -364,16 +362,16 @@ def _matches(renderer: Renderer, sample: list[AuditRecord], out: TokenCounts, tr
     return True
 
 
-def _slow_path(slow: list[AuditRecord], renderer: Renderer, train_on: str, limit: Optional[int], out: TokenCounts, batch: int = 256) -> None:
+def _slow_path(slow: list[AuditRecord], renderer: Renderer, limit: Optional[int], out: TokenCounts, batch: int = 256) -> None:
     for s in range(0, len(slow), batch):
         part = slow[s:s + batch]
         try:
-            exs, _ = renderer.encode_many([r.conv for r in part], train_on, None, "drop", check_parity=False)
+            exs, _ = renderer.encode_many([r.conv for r in part], None, "drop", check_parity=False)
             _store(part, exs, out, limit)
         except Exception:
             for r in part:  # find the records the template rejects, one by one
                 try:
-                    exs, _ = renderer.encode_many([r.conv], train_on, None, "drop", check_parity=False)
+                    exs, _ = renderer.encode_many([r.conv], None, "drop", check_parity=False)
                     _store([r], exs, out, limit)
                 except Exception as e:
                     out.errors.append((r.idx, f"{type(e).__name__}: {e}"))

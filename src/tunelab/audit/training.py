@@ -42,7 +42,7 @@ def audit_for_training(cfg: Any, renderer: Any = None, data: Any = None, rep: An
     mode = getattr(cfg.data, "audit", "warn")
     if mode == "off":
         return None
-    opts = AuditOptions(max_seq_len=cfg.data.max_seq_len, train_on=cfg.data.train_on, seed=cfg.train.seed,
+    opts = AuditOptions(max_seq_len=cfg.data.max_seq_len, seed=cfg.train.seed,
                         spot_check_path=None if fast else str(cfg.run_dir / "audit-spotcheck.html"))
     eval_where = None
     if data is not None and cfg.data.eval is None and getattr(data, "eval_conversations", None):

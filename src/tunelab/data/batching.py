@@ -3,6 +3,7 @@ masked by position, untrained tails dropped)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,6 +32,29 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
         batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
+
+
+class MicroBatchStream:
+    """Micro-batch k of the run: epochs laid end to end, each in its seeded order, sharded
+    across processes. Stateless apart from a cache, so position k fully defines the data."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, grouping: bool, rank: int, world: int):
+        self.lengths, self.batch_size, self.seed, self.grouping = lengths, batch_size, seed, grouping
+        self.rank, self.world = rank, world
+        n = math.ceil(len(lengths) / batch_size)
+        self.per_epoch = n // world if world > 1 else n  # equal counts on every rank
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(lengths)} examples make no batch of {batch_size} on each of {world} processes")
+        self._epoch = -1
+        self._batches: list[list[int]] = []
+
+    def __getitem__(self, k: int) -> list[int]:
+        epoch, i = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, self.grouping)
+            self._batches = batches[self.rank :: self.world][: self.per_epoch]
+            self._epoch = epoch
+        return self._batches[i]
 
 
 @dataclass
@@ -94,7 +118,7 @@ def split_by_tokens(examples: Sequence[EncodedExample], max_tokens: Optional[int
     return parts
 
 
-def collate(examples: Sequence[EncodedExample], pad_id: int, pad_to_multiple: int = 1, trim: bool = True) -> Batch:
+def collate(examples: Sequence[EncodedExample], pad_id: int, trim: bool = True) -> Batch:
     """Right-pad to the longest example. Padding is masked by position (attention_mask=0,
     label=IGNORE), never by token id, so pad == eos cannot hide a trained eos.
 
@@ -102,8 +126,6 @@ def collate(examples: Sequence[EncodedExample], pad_id: int, pad_to_multiple: in
     :func:`trained_length`): the loss and gradients are unchanged, the compute is not spent."""
     lens = [trained_length(e) if trim else len(e) for e in examples]
     T = max(lens)
-    if pad_to_multiple > 1:
-        T = -(-T // pad_to_multiple) * pad_to_multiple
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)

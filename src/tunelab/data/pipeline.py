@@ -52,10 +52,12 @@ def prepare_conversations(cfg: Config) -> tuple[list[Conversation], list[Convers
 
 
 def prepare_data(cfg: Config, renderer: Renderer) -> PreparedData:
-    train_c, eval_c, formats, skipped = prepare_conversations(cfg)
     d = cfg.data
-    train, tstats = renderer.encode_many(train_c, d.train_on, d.max_seq_len, d.truncation)
+    if renderer.train_on != d.train_on:
+        raise ValueError(f"the renderer trains on {renderer.train_on!r} but data.train_on is {d.train_on!r}; use Renderer.from_config")
+    train_c, eval_c, formats, skipped = prepare_conversations(cfg)
+    train, tstats = renderer.encode_many(train_c, d.max_seq_len, d.truncation)
     if not train:
         raise DataError("data.train", f"no trainable examples left ({tstats.summary()}); raise data.max_seq_len or use truncation: truncate_prompt")
-    ev, estats = (renderer.encode_many(eval_c, d.train_on, d.max_seq_len, d.truncation) if eval_c else ([], None))
+    ev, estats = (renderer.encode_many(eval_c, d.max_seq_len, d.truncation) if eval_c else ([], None))
     return PreparedData(train, ev, tstats, estats, formats, skipped, train_c, eval_c)

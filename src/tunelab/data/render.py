@@ -1,7 +1,7 @@
 """Templates, rendering with character offsets, labels from offsets, and the parity check.
 
 One function, :meth:`Renderer.render`, serves training *and* inference, so template parity
-is a property of one function rather than of two that must agree (cheatsheet 04: "training
+is a property of one function rather than of two that must agree (docs/practices.md#template-parity: "training
 format must exactly match inference-time format including special tokens").
 
 How labels are derived (never by tokenizing pieces separately and hoping they concatenate):
@@ -21,13 +21,16 @@ How labels are derived (never by tokenizing pieces separately and hoping they co
 
 from __future__ import annotations
 
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from ..config import DataConfig, TrainOn
 from .formats import Conversation
 
 IGNORE = -100
+TRAIN_ON_CHOICES: tuple[str, ...] = typing.get_args(TrainOn)
 
 # Built-in templates, as Jinja chat templates so that they run through the very same
 # ``apply_chat_template`` path as a tokenizer's own template.
@@ -136,11 +139,30 @@ class EncodeStats:
         return "; ".join(parts)
 
 
-class Renderer:
-    """Renders conversations for a tokenizer and template, for training and inference."""
+def chunk_spans(text: str, cuts: Sequence[int]) -> list[tuple[int, int]]:
+    """The [start, end) character spans ``text`` is tokenized in: cut at every point of ``cuts``
+    inside the text (the ends of generation cues and of turns), empty spans dropped.
 
-    def __init__(self, tokenizer: Any, template: str = "auto"):
+    Training/inference parity rests on this one function: the training text, each inference
+    prompt (:meth:`Renderer.prompt_ids`) and the audit's fast token counts (``audit/tokens.py``)
+    are all tokenized span by span, so BPE merges never cross a point where inference hands
+    over to the model."""
+    bounds = [0] + [c for c in cuts if 0 < c < len(text)] + [len(text)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+class Renderer:
+    """Renders conversations for a tokenizer and template, for training and inference.
+
+    ``train_on`` (``data.train_on``) says which tokens carry loss; it belongs to the renderer
+    because the trained character ranges are a property of the rendering, like the template.
+    """
+
+    def __init__(self, tokenizer: Any, template: str = "auto", train_on: TrainOn = DataConfig.train_on):
+        if train_on not in TRAIN_ON_CHOICES:
+            raise ValueError(f"train_on: {train_on!r} is not one of {list(TRAIN_ON_CHOICES)}")
         self.tokenizer = tokenizer
+        self.train_on: TrainOn = train_on
         self.template_name = template
         if template == "auto":
             if not getattr(tokenizer, "chat_template", None):
@@ -155,6 +177,11 @@ class Renderer:
         else:
             raise TemplateError(f"unknown template {template!r}; use auto or one of {', '.join(BUILTIN_TEMPLATES)}")
         self.eot_markers = self._eot_markers(template)
+
+    @classmethod
+    def from_config(cls, tokenizer: Any, cfg: Any) -> "Renderer":
+        """The renderer a run's config asks for: ``cfg.template`` and ``cfg.data.train_on``."""
+        return cls(tokenizer, cfg.template, cfg.data.train_on)
 
     # -- the template ------------------------------------------------------------------
     def _eot_markers(self, template: str) -> tuple[str, ...]:
@@ -205,14 +232,14 @@ class Renderer:
             turns.append((i, prompt, len(prompt), self._end_of_turn(upto, len(prompt), len(upto))))
         return full, turns
 
-    def render_with_offsets(self, conv: Conversation, train_on: str = "assistant") -> RenderedText:
+    def render_with_offsets(self, conv: Conversation) -> RenderedText:
         if conv.is_text:
             # Raw text (replay): every token trained, closed by eos so documents end.
             text = conv.text + (self.tokenizer.eos_token or "")
             return RenderedText(text, [(0, len(text))], [], [])
         full, turns = self.turn_boundaries(conv.messages, conv.source)
-        chosen = turns[-1:] if train_on == "last_assistant" else turns
-        trained = [(0, len(full))] if train_on == "all" else [(a, b) for _, _, a, b in chosen]
+        chosen = turns[-1:] if self.train_on == "last_assistant" else turns
+        trained = [(0, len(full))] if self.train_on == "all" else [(a, b) for _, _, a, b in chosen]
         cuts = sorted({c for _, _, a, b in turns for c in (a, b)})
         return RenderedText(full, trained, [p for _, p, _, _ in turns], cuts)
 
@@ -246,11 +273,9 @@ class Renderer:
         pieces: list[str] = []
         spans: list[tuple[int, int, int]] = []  # (example, piece start index, piece char offset)
         for k, (text, cut) in enumerate(zip(texts, cuts)):
-            bounds = [0] + [c for c in cut if 0 < c < len(text)] + [len(text)]
-            for a, b in zip(bounds, bounds[1:]):
-                if b > a:
-                    spans.append((k, len(pieces), a))
-                    pieces.append(text[a:b])
+            for a, b in chunk_spans(text, cut):
+                spans.append((k, len(pieces), a))
+                pieces.append(text[a:b])
         enc = self.tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True) if pieces else {"input_ids": [], "offset_mapping": []}
         ids: list[list[int]] = [[] for _ in texts]
         offs: list[list[tuple[int, int]]] = [[] for _ in texts]
@@ -262,13 +287,12 @@ class Renderer:
     def encode_many(
         self,
         convs: Sequence[Conversation],
-        train_on: str = "assistant",
         max_seq_len: Optional[int] = None,
         truncation: str = "drop",
         check_parity: bool = True,
     ) -> tuple[list[EncodedExample], EncodeStats]:
         """Render and tokenize conversations into (input_ids, labels); report what was dropped."""
-        rendered = [self.render_with_offsets(c, train_on) for c in convs]
+        rendered = [self.render_with_offsets(c) for c in convs]
         all_ids, all_offs = self._tokenize_chunked([r.text for r in rendered], [r.cuts for r in rendered])
         if check_parity:
             self._check_parity(rendered, all_ids)
@@ -343,9 +367,9 @@ class Renderer:
         cuts = sorted({c for _, _, a, b in turns for c in (a, b)} | {len(text)})
         return self._tokenize_chunked([text], [cuts])[0][0]
 
-    def segments(self, conv: Conversation, train_on: str = "assistant", max_seq_len: Optional[int] = None) -> dict:
+    def segments(self, conv: Conversation) -> dict:
         """The example as text segments with a trained flag, decoded from the actual tokens."""
-        exs, _ = self.encode_many([conv], train_on, None, "drop")
+        exs, _ = self.encode_many([conv], None, "drop")
         if not exs:
             return {"segments": [], "n_tokens": 0, "n_trained": 0}
         ex = exs[0]

@@ -1,7 +1,7 @@
 """Load a run (or a model) for inference, and generate with the training template.
 
 Prompts are rendered by the same :class:`Renderer` used in training, so the format at
-inference is the training format (cheatsheet 04). Decoding is greedy by default and stops at
+inference is the training format (docs/practices.md#data-format-match). Decoding is greedy by default and stops at
 the end-of-turn token.
 """
 
@@ -61,7 +61,7 @@ def load_for_inference(run_or_model: str, template: Optional[str] = None, device
             place_on(model, device)  # the NF4 base loads onto the current CUDA device or the CPU: move only if elsewhere
         else:
             model.to(device)
-        return Loaded(model.eval(), tok, Renderer(tok, template or cfg.template), device, cfg)
+        return Loaded(model.eval(), tok, Renderer(tok, template or cfg.template, cfg.data.train_on), device, cfg)
     path = resolve_model_path(run_or_model)
     model = load_model(path, compute_dtype("auto", device)).to(device).eval()
     tok = load_tokenizer(path)

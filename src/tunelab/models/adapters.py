@@ -15,7 +15,7 @@ import torch
 from ..config import Config
 
 TARGET_PRESETS = {
-    # cheatsheet 02: "start with q_proj + v_proj; expand to more layers if accuracy is insufficient"
+    # start with q_proj + v_proj; expand to more modules if accuracy is insufficient (docs/practices.md#lora-targets)
     "qv": ["q_proj", "v_proj"],
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "all-linear": "all-linear",
@@ -32,7 +32,7 @@ def num_layers(model: Any) -> int:
 
 def resolve_layers(spec: str | list[int], n_layers: int) -> Optional[list[int]]:
     """lora.layers -> layer indices for peft (None = all). top:N = the N closest to the output
-    (cheatsheet 02: higher layers are more task-specific)."""
+    (higher layers are more task-specific: docs/practices.md#lora-layers)."""
     if spec == "all":
         return None
     if isinstance(spec, str):
@@ -72,7 +72,7 @@ def peft_lora_config(cfg: Config, model: Any) -> Any:
 
     if cfg.lora.rank > 128:
         warnings.warn(
-            f"lora.rank={cfg.lora.rank} > 128: that defeats LoRA's parameter efficiency (cheatsheet 02); "
+            f"lora.rank={cfg.lora.rank} > 128: that defeats LoRA's parameter efficiency (docs/practices.md#lora-rank); "
             "4-64 is typical unless you have a reason.",
             stacklevel=2,
         )

@@ -50,7 +50,7 @@ def build_model(cfg: Config, device: torch.device) -> BuiltModel:
         # transformers loads a bitsandbytes model straight onto the current CUDA device (or the
         # CPU), quantizing as it goes; prepare_quantized_base moves it only if ``device`` differs
         # (DDP ranks), before the adapters are created next to their base layers.
-        model = prepare_quantized_base(model, cfg, device)
+        model = prepare_quantized_base(model, device)
     if cfg.method in ("lora", "qlora"):
         model = apply_lora(model, cfg)
     else:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
 
 log = logging.getLogger("tunelab")
 
@@ -141,3 +142,14 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, a
     if quantization_config is not None:
         kw["quantization_config"] = quantization_config
     return AutoModelForCausalLM.from_pretrained(path, **kw)
+
+
+def load_base_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model dir's safetensors files, as one state dict (on the CPU)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no .safetensors weights to merge into")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd

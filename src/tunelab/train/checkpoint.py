@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints and atomic file writes.
+"""Atomic, resumable checkpoints, and the trained result (adapter or model).
 
 A checkpoint is a folder ``checkpoints/step-000120`` holding the trainable weights
 (safetensors), optimizer and scheduler state, RNG states and the loop position. It is written
@@ -9,43 +9,15 @@ Non-weight state is read back with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` then rename tmp_dir to ``final`` (replacing an older one)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+from ..files import atomic_dir
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -113,3 +85,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+def save_trained(model: torch.nn.Module, tokenizer: Any, method: str, run_dir: Path) -> Path:
+    """Write the trained result atomically: ``run_dir/adapter`` (lora, qlora: the peft adapter)
+    or ``run_dir/model`` (full: the whole model), with the tokenizer, in safetensors."""
+    target = Path(run_dir) / ("model" if method == "full" else "adapter")
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(target, write)

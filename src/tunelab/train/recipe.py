@@ -11,20 +11,24 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from rich.console import Console
 
+from ..audit import audit_for_training
 from ..config import Config, dump_yaml
-from ..data.batching import collate, epoch_batches, split_by_tokens
+from ..data.batching import MicroBatchStream, collate, split_by_tokens
 from ..data.pipeline import prepare_data
 from ..data.render import Renderer
+from ..files import atomic_write_text
 from ..models.build import build_model
-from .checkpoint import atomic_dir, atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_trained
+from .evaluate import autocast_for, loss_sums
 from .loss import CausalLMLoss
 from .memory import memory_report
-from .reporting import make_reporter, peak_memory_bytes, format_bytes
+from .quantization_cost import report_quantization_cost
+from .reporting import format_bytes, make_reporter, peak_memory_bytes
 from .schedule import make_scheduler
 
 
@@ -55,29 +59,6 @@ class TrainResult:
     real_tokens: int = 0  # non-pad tokens fed to the model over the run
 
 
-class MicroBatchStream:
-    """Micro-batch k of the run: epochs laid end to end, each in its seeded order, sharded
-    across processes. Stateless apart from a cache, so position k fully defines the data."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, grouping: bool, rank: int, world: int):
-        self.lengths, self.batch_size, self.seed, self.grouping = lengths, batch_size, seed, grouping
-        self.rank, self.world = rank, world
-        n = math.ceil(len(lengths) / batch_size)
-        self.per_epoch = n // world if world > 1 else n  # equal counts on every rank
-        if self.per_epoch == 0:
-            raise ValueError(f"{len(lengths)} examples make no batch of {batch_size} on each of {world} processes")
-        self._epoch = -1
-        self._batches: list[list[int]] = []
-
-    def __getitem__(self, k: int) -> list[int]:
-        epoch, i = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, self.grouping)
-            self._batches = batches[self.rank :: self.world][: self.per_epoch]
-            self._epoch = epoch
-        return self._batches[i]
-
-
 def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool = False, stop_at_step: Optional[int] = None, console: Optional[Console] = None) -> TrainResult:
     """Fine-tune per ``cfg``. ``stop_at_step`` ends the run early as an interruption would
     (used by the resume tests); everything else comes from the config."""
@@ -103,17 +84,15 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
 
     built = build_model(cfg, device)
     model, tokenizer = built.model, built.tokenizer
-    renderer = Renderer(tokenizer, cfg.template)
+    renderer = Renderer.from_config(tokenizer, cfg)
     data = prepare_data(cfg, renderer)
     rep.info(f"data: {data.formats}; train {data.train_stats.summary()}" + (f"; eval {data.eval_stats.summary()}" if data.eval_stats else ""))
     if data.skipped:
         rep.warn(f"{len(data.skipped)} bad records skipped (data.on_error: skip), first: {data.skipped[:3]}")
-    _audit(cfg, renderer, data, rep)
+    audit_for_training(cfg, renderer, data, rep)  # data.audit: off | warn | strict (strict raises on errors)
     rep.table("parameters", *memory_report(model))
     if cfg.method == "qlora" and data.eval and ckpt is None:
         # What NF4 costs: the base's eval loss quantized vs unquantized (loads the latter briefly).
-        from ..models.quantize import report_quantization_cost
-
         if accelerator.is_main_process:
             report_quantization_cost(cfg, model, data.eval, device, tokenizer.pad_token_id or 0, rep.info, rep.warn, run_dir)
         accelerator.wait_for_everyone()
@@ -131,7 +110,6 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix)
     rep.info(f"fused decoder: {loss_fn.fused_reason}")
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
-    autocast = (lambda: torch.autocast(device.type, dtype=built.compute_dtype)) if built.compute_dtype != torch.float32 else contextlib.nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     state = LoopState()
@@ -143,23 +121,14 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
 
     def evaluate() -> float:
         """Mean loss over every trained token of the eval set (all processes)."""
-        loss_fn.eval()
-        bs = cfg.train.eval_batch_size or cfg.train.batch_size
-        order = sorted(range(len(data.eval)), key=lambda i: len(data.eval[i]))
-        mine = order[accelerator.process_index :: accelerator.num_processes]
-        total = torch.zeros(2, device=device, dtype=torch.float64)
-        with torch.no_grad(), autocast():
-            for s in range(0, len(mine), bs):
-                b = collate([data.eval[i] for i in mine[s:s + bs]], pad_id).to(device)
-                loss_sum, n = loss_fn(b.input_ids, b.attention_mask, b.labels)
-                total += torch.stack([loss_sum.double(), n.double()])
-        total = accelerator.reduce(total, reduction="sum")
-        loss_fn.train()
+        sums = loss_sums(loss_fn, data.eval, cfg.train.eval_batch_size or cfg.train.batch_size, pad_id, device,
+                         built.compute_dtype, accelerator.process_index, accelerator.num_processes)
+        total = accelerator.reduce(sums, reduction="sum")
         return (total[0] / total[1].clamp(min=1)).item()
 
     def save_best() -> None:
         if accelerator.is_main_process:
-            save_trained(accelerator.unwrap_model(loss_fn).model, tokenizer, cfg, run_dir)
+            save_trained(accelerator.unwrap_model(loss_fn).model, tokenizer, cfg.method, run_dir)
 
     result = TrainResult(run_dir, state.step, None, None, False)
     if ckpt is not None and data.eval and cfg.early_stopping_on and state.bad_evals >= cfg.train.early_stopping.patience:
@@ -191,7 +160,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         for j, b in enumerate(batches):
             b = b.to(device)
             sync = accelerator.no_sync(loss_fn) if j < len(batches) - 1 else contextlib.nullcontext()
-            with sync, autocast():
+            with sync, autocast_for(device, built.compute_dtype):
                 loss_sum, _ = loss_fn(b.input_ids, b.attention_mask, b.labels)
             accelerator.backward(loss_sum * accelerator.num_processes / n_global)
             step_loss += loss_sum.detach().double()
@@ -262,22 +231,3 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     return result
 
 
-def save_trained(model: Any, tokenizer: Any, cfg: Config, run_dir: Path) -> Path:
-    """Write the trained result atomically: the adapter (lora/qlora) or the full model."""
-    target = run_dir / ("model" if cfg.method == "full" else "adapter")
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    return atomic_dir(target, write)
-
-
-def _audit(cfg: Config, renderer: Renderer, data: Any, rep: Any) -> None:
-    if cfg.data.audit == "off":
-        return
-    try:
-        from ..audit import audit_for_training
-    except ImportError:
-        return
-    audit_for_training(cfg, renderer, data, rep)

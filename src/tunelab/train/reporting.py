@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,6 +13,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from ..files import atomic_write_text
 
 METRIC_KEYS = ("step", "epoch", "lr", "train_loss", "eval_loss", "trained_tokens", "tokens_per_s")
 
@@ -25,7 +26,7 @@ def peak_memory_bytes(device: torch.device) -> dict[str, int]:
     return out
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -55,8 +56,6 @@ class Reporter:
             for line in self.metrics_path.read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= step:
                     keep.append(line)
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
     def info(self, msg: Any) -> None:
@@ -126,10 +125,3 @@ class NullReporter(Reporter):
 
 def make_reporter(is_main: bool, run_dir: Path, console: Optional[Console] = None, resume_step: Optional[int] = None) -> Reporter:
     return Reporter(run_dir, console, resume_step) if is_main else NullReporter()
-
-
-def format_bytes(n: float) -> str:
-    return _fmt_bytes(n)
-
-
-__all__ = ["Reporter", "NullReporter", "make_reporter", "peak_memory_bytes", "format_bytes", "METRIC_KEYS", "sys"]

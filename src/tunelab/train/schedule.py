@@ -1,7 +1,8 @@
 """Learning-rate schedules: linear warmup, then cosine / linear decay or constant.
 
-Cheatsheet 05: always warm up (3-10% of steps) to avoid early loss spikes; cosine decay is
-the common choice; a constant LR without decay risks forgetting pretrained capabilities.
+Always warm up (3-10% of steps) to avoid early loss spikes (docs/practices.md#hp-warmup); cosine
+decay is the common choice (#schedule-cosine); a constant LR without decay risks forgetting
+pretrained capabilities (#schedule-decay).
 """
 
 from __future__ import annotations
