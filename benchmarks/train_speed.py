@@ -162,7 +162,7 @@ def build_plan(args: argparse.Namespace, precisions: dict[str, str]) -> dict:
     path = resolve_model_path(MODEL)
     tok = load_tokenizer(path)
     data = prepare_data(cfg, Renderer.from_config(tok, cfg))
-    stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping, 0, 1)
+    stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping)
     steps = [list(stream[k]) for k in range(args.steps)]
     rows, examples = [], []
     for batch in steps:

@@ -76,7 +76,7 @@ def _plain_loop(cfg) -> list[float]:
     built = build_model(cfg, CPU)
     model, tok = built.model, built.tokenizer
     data = prepare_data(cfg, Renderer(tok, cfg.template))
-    stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping, 0, 1)
+    stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.999))
     sched = make_scheduler(opt, cfg.train.max_steps, cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio)

@@ -35,26 +35,34 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
 
 
 class MicroBatchStream:
-    """Micro-batch k of the run: epochs laid end to end, each in its seeded order, sharded
-    across processes. Stateless apart from a cache, so position k fully defines the data."""
+    """Global micro-batch g of the run: epochs laid end to end, each in its seeded order.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, grouping: bool, rank: int, world: int):
+    The order is a function of (seed, epoch) alone, never of the number of processes: with N
+    processes and grad_accum A, optimizer step s consumes the global micro-batches
+    [s*A*N, (s+1)*A*N), process r taking g = s*A*N + j*N + r for j < A. So a run with N
+    processes and one with 1 process and A*N accumulation steps see the same global batches in
+    the same order, and a position g saved by one resumes on any other world size. Stateless
+    apart from a cache, so g fully defines the data.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, grouping: bool):
         self.lengths, self.batch_size, self.seed, self.grouping = lengths, batch_size, seed, grouping
-        self.rank, self.world = rank, world
-        n = math.ceil(len(lengths) / batch_size)
-        self.per_epoch = n // world if world > 1 else n  # equal counts on every rank
+        self.per_epoch = math.ceil(len(lengths) / batch_size)  # global micro-batches per epoch
         if self.per_epoch == 0:
-            raise ValueError(f"{len(lengths)} examples make no batch of {batch_size} on each of {world} processes")
+            raise ValueError("no training examples")
         self._epoch = -1
         self._batches: list[list[int]] = []
 
-    def __getitem__(self, k: int) -> list[int]:
-        epoch, i = divmod(k, self.per_epoch)
+    def __getitem__(self, g: int) -> list[int]:
+        epoch, i = divmod(g, self.per_epoch)
         if epoch != self._epoch:
-            batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, self.grouping)
-            self._batches = batches[self.rank :: self.world][: self.per_epoch]
+            self._batches = epoch_batches(self.lengths, self.batch_size, self.seed, epoch, self.grouping)
             self._epoch = epoch
         return self._batches[i]
+
+    def for_step(self, first: int, grad_accum: int, rank: int, world: int) -> list[list[int]]:
+        """This process's micro-batches of the step whose first global micro-batch is ``first``."""
+        return [self[first + j * world + rank] for j in range(grad_accum)]
 
 
 @dataclass

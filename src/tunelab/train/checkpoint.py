@@ -12,16 +12,12 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import atomic_dir
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,12 +34,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any, loop_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler: Any, loop_state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step``: the full trainable ``weights`` (every process's share gathered,
+    see train/distributed.py), the full ``optimizer_state``, scheduler, RNG and loop position."""
     final = Path(ckpt_dir) / f"step-{step:07d}"
 
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
@@ -66,8 +65,10 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return cks[-1] if cks else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the loop state."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    load_optimizer: Optional[Callable[[dict], None]] = None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG; return the loop state. ``load_optimizer``
+    replaces ``optimizer.load_state_dict`` (FSDP scatters a full state to the shards)."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [k for k in weights if k not in params]
@@ -81,19 +82,22 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    (load_optimizer or optimizer.load_state_dict)(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
 
 
-def save_trained(model: torch.nn.Module, tokenizer: Any, method: str, run_dir: Path) -> Path:
+def save_trained(model: torch.nn.Module, tokenizer: Any, method: str, run_dir: Path,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write the trained result atomically: ``run_dir/adapter`` (lora, qlora: the peft adapter)
-    or ``run_dir/model`` (full: the whole model), with the tokenizer, in safetensors."""
+    or ``run_dir/model`` (full: the whole model), with the tokenizer, in safetensors.
+    ``state_dict``: the gathered weights when the model's own are shards (FSDP)."""
     target = Path(run_dir) / ("model" if method == "full" else "adapter")
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        kw = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(tmp, safe_serialization=True, **kw)
         tokenizer.save_pretrained(tmp)
 
     return atomic_dir(target, write)

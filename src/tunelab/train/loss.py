@@ -22,6 +22,7 @@ Three levels, each switchable in ``TrainConfig`` (docs/performance.md has the me
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from ..data.render import IGNORE
 from ..kernels.fused_llama import FusedLlama, Group, Unsupported, unwrap_causal_lm
+from ..kernels.liger import apply_liger, liger_linear_cross_entropy
 from ..kernels.linear_ce import CE_CHUNK_ROWS, linear_cross_entropy
 
 # --------------------------------------------------------------------------- the loss module
@@ -88,26 +91,74 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM; forward returns (sum of token losses, number of trained tokens).
 
-    A module (rather than a function) so that DDP/FSDP wrap it and see the forward.
+    A module (rather than a function) so that DDP/FSDP wrap it and see the forward. The path is
+    chosen once, at construction, from the switches and the model (``path`` says which and why):
+
+    * ``fused CPU decoder``: :class:`FusedLlama` on packed rows (CPU, llama-family, frozen base);
+    * ``packed HF forward + trained-only logits``: the transformers decoder on one row holding
+      every example end to end, ``position_ids`` restarting at 0 for each; transformers' masking
+      utilities (``masking_utils.find_packed_sequence_indices``) turn the restarts into a
+      block-causal mask for sdpa/eager, and flash_attention_2 reads them as varlen sequence
+      boundaries (``modeling_flash_attention_utils._is_packed_sequence``), so attention stays
+      within each example and no compute goes to padding. A probe at construction checks that the
+      model really does this (an old architecture that ignores the restarts would let examples
+      attend to each other); if not, the padded forward is used and ``path`` says why;
+    * ``padded HF forward + trained-only logits``: the right-padded batch with its attention mask;
+    * ``reference``: full ``(B, T, V)`` logits and ``F.cross_entropy``.
+
+    ``kernels="liger"`` (CUDA only) patches the model's RMSNorm, RoPE and SwiGLU with Liger-Kernel's
+    Triton kernels and computes lm_head + cross-entropy with its fused linear cross-entropy.
     """
 
     def __init__(self, model: nn.Module, trained_logits_only: bool = True, fused_decoder: bool = True, share_prefix: bool = True,
-                 ce_chunk_rows: int = CE_CHUNK_ROWS):
+                 ce_chunk_rows: int = CE_CHUNK_ROWS, padding_free: bool = True, kernels: str = "none"):
         super().__init__()
         self.model = model
         self.trained_logits_only = trained_logits_only
         self.share_prefix = share_prefix
         self.ce_chunk_rows = ce_chunk_rows
         self.fused: Optional[FusedLlama] = None
-        self.fused_reason = "off (train.fused_decoder: false)" if not fused_decoder else ""
-        if fused_decoder and not trained_logits_only:
-            self.fused_reason = "off (needs train.trained_logits_only)"
-        elif fused_decoder:
+        self.padding_free = False
+        self.liger = False
+        device = _device_of(model)
+        if kernels not in ("none", "liger"):
+            raise ValueError(f"train.kernels: {kernels!r} is not one of ['none', 'liger']")
+        if not trained_logits_only:
+            self.fused_reason = "off (train.trained_logits_only: false)"
+            self.path = "reference: full logits (train.trained_logits_only: false)"
+            if kernels == "liger":
+                raise ValueError("train.kernels: liger needs train.trained_logits_only: true")
+            return
+        if kernels == "liger":
+            self.liger = True
+            self.fused_reason = "off (train.kernels: liger)"
+            try:
+                apply_liger(unwrap_causal_lm(model), device)
+            except (ImportError, RuntimeError) as e:  # off CUDA, or the package is missing: the message says what to do
+                raise ConfigError(str(e)) from None
+        elif not fused_decoder:
+            self.fused_reason = "off (train.fused_decoder: false)"
+        else:
             try:
                 self.fused = FusedLlama(model)
                 self.fused_reason = "on"
             except Unsupported as e:
                 self.fused_reason = f"unsupported here: {e}"
+        if self.fused is not None:
+            self.path = f"fused CPU decoder + trained-only logits ({device.type})"
+            return
+        why = ""
+        if not padding_free:
+            why = "train.padding_free: false"
+        else:
+            why = packed_forward_unsupported(unwrap_causal_lm(model))
+            self.padding_free = not why
+        head = "liger fused linear cross-entropy" if self.liger else "trained-only logits"
+        kind = "packed" if self.padding_free else "padded"
+        reasons = [] if self.fused_reason in ("on",) else [f"fused decoder {self.fused_reason}"]
+        if why:
+            reasons.append(f"padding-free off: {why}")
+        self.path = f"{kind} HF forward + {head} ({device.type})" + (f"; {'; '.join(reasons)}" if reasons else "")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
@@ -120,8 +171,8 @@ class CausalLMLoss(nn.Module):
         lm = unwrap_causal_lm(self.model)
         head = lm.get_output_embeddings()
         fused = self.fused is not None and input_ids.device.type == "cpu"  # the model may have moved since
-        packed = pack(input_ids, attention_mask, labels, self.share_prefix) if fused else None
-        if packed is not None:
+        packed = pack(input_ids, attention_mask, labels, self.share_prefix and fused) if (fused or self.padding_free) else None
+        if packed is not None and fused:
             with torch.autocast(input_ids.device.type, enabled=False):
                 hidden = self.fused.hidden(packed.ids, packed.positions, packed.groups)  # (N, H)
                 sel = (packed.targets != IGNORE).nonzero().squeeze(1)
@@ -131,10 +182,63 @@ class CausalLMLoss(nn.Module):
                     loss = loss + 0.0 * hidden.sum()  # keep the graph connected (DDP needs every step to backprop)
             return loss, n
         decoder = lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        h = hidden[:, :-1][keep]  # (N, H): only positions whose next token is trained
-        loss = linear_cross_entropy(h, head.weight, targets[keep], self.ce_chunk_rows)
+        if packed is not None:
+            # one row (1, N): attention_mask=None makes transformers derive the per-example
+            # block-causal mask from the position restarts
+            hidden = decoder(input_ids=packed.ids[None], position_ids=packed.positions[None], use_cache=False).last_hidden_state[0]  # (N, H)
+            sel = (packed.targets != IGNORE).nonzero().squeeze(1)
+            h, y = hidden.index_select(0, sel), packed.targets[sel]
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+            h, y = hidden[:, :-1][keep], targets[keep]  # (N, H): only positions whose next token is trained
+        loss = liger_linear_cross_entropy(h, head.weight, y) if self.liger else linear_cross_entropy(h, head.weight, y, self.ce_chunk_rows)
         if h.shape[0] == 0:
             loss = loss + 0.0 * hidden.sum()  # keep the graph connected (DDP needs every step to backprop)
         return loss, n
 
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packed_forward_unsupported(lm: nn.Module) -> str:
+    """Why the transformers decoder of ``lm`` cannot run packed rows exactly ("" when it can).
+
+    Checks the attention implementation, that the decoder takes ``position_ids``, and then runs a
+    probe: two short sequences packed in one row must give the second one the same hidden states
+    as when it runs alone (a decoder that ignored the position restarts would let it attend to the
+    first). The probe runs without grad, in eval mode (no dropout), and restores every mode.
+    """
+    impl = getattr(getattr(lm, "config", None), "_attn_implementation", None)
+    if impl not in PACKED_ATTENTION:
+        return f"attention implementation {impl!r} (packed rows need one of {', '.join(PACKED_ATTENTION)})"
+    decoder = lm.get_decoder()
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        return f"{type(decoder).__name__}.forward takes no position_ids"
+    device = _device_of(lm)
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, vocab, (5,), generator=g), torch.randint(0, vocab, (4,), generator=g)
+    ids = torch.cat([a, b])[None].to(device)
+    pos = torch.cat([torch.arange(5), torch.arange(4)])[None].to(device)
+    modes = [(m, m.training) for m in lm.modules()]
+    lm.eval()
+    try:
+        with torch.no_grad():
+            packed = decoder(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0, 5:].float()
+            alone = decoder(input_ids=b[None].to(device), use_cache=False).last_hidden_state[0].float()
+            err = float((packed - alone).norm() / alone.norm().clamp(min=1e-12))
+    except Exception as e:  # noqa: BLE001 - any failure means "not supported"; the padded path still works
+        return f"the packed probe failed ({type(e).__name__}: {str(e)[:200]})"
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    # bf16 kernels differ between the two calls by ~1e-2 relative at most; attending across the
+    # boundary changes the states by O(1)
+    if err > 5e-2:
+        return f"the decoder lets packed examples attend to each other (relative difference {err:.2g} on a probe)"
+    return ""

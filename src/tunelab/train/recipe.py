@@ -24,6 +24,7 @@ from ..data.render import Renderer
 from ..files import atomic_write_text
 from ..models.build import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_trained
+from .distributed import equalize_passes, full_optimizer_state, full_trainable_state, is_fsdp, load_optimizer_state, make_accelerator, run_once
 from .evaluate import autocast_for, loss_sums
 from .loss import CausalLMLoss
 from .memory import memory_report
@@ -62,11 +63,10 @@ class TrainResult:
 def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool = False, stop_at_step: Optional[int] = None, console: Optional[Console] = None) -> TrainResult:
     """Fine-tune per ``cfg``. ``stop_at_step`` ends the run early as an interruption would
     (used by the resume tests); everything else comes from the config."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # ---------------------------------------------------------------- setup
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()  # one process, or DDP / FSDP under accelerate launch
     device = accelerator.device
     run_dir = cfg.run_dir
     ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
@@ -89,7 +89,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     rep.info(f"data: {data.formats}; train {data.train_stats.summary()}" + (f"; eval {data.eval_stats.summary()}" if data.eval_stats else ""))
     if data.skipped:
         rep.warn(f"{len(data.skipped)} bad records skipped (data.on_error: skip), first: {data.skipped[:3]}")
-    audit_for_training(cfg, renderer, data, rep)  # data.audit: off | warn | strict (strict raises on errors)
+    run_once(accelerator, lambda: audit_for_training(cfg, renderer, data, rep))  # data.audit: off | warn | strict (strict raises)
     rep.table("parameters", *memory_report(model))
     if cfg.method == "qlora" and data.eval and ckpt is None:
         # What NF4 costs: the base's eval loss quantized vs unquantized (loads the latter briefly).
@@ -99,25 +99,27 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999))
-    stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping,
-                              accelerator.process_index, accelerator.num_processes)
-    ga = cfg.train.grad_accum
-    steps_per_epoch = math.ceil(stream.per_epoch / ga)
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * stream.per_epoch / ga))
+    stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping)
+    ga, world, rank = cfg.train.grad_accum, accelerator.num_processes, accelerator.process_index
+    micro_per_step = ga * world  # global micro-batches per optimizer step: the global batch is batch_size x this
+    steps_per_epoch = math.ceil(stream.per_epoch / micro_per_step)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * stream.per_epoch / micro_per_step))
     scheduler = make_scheduler(optimizer, total_steps, cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio)
     eval_every = cfg.train.eval_every or max(1, total_steps // 10)
     save_every = cfg.train.save_every or eval_every
-    loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix)
-    rep.info(f"fused decoder: {loss_fn.fused_reason}")
+    loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix,
+                           padding_free=cfg.train.padding_free, kernels=cfg.train.kernels)
+    rep.info(f"fast path: {loss_fn.path}")
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     state = LoopState()
     if ckpt is not None:
-        state = LoopState(**{k: v for k, v in load_checkpoint(ckpt, model, optimizer, scheduler).items() if k in LoopState.__dataclass_fields__})
+        restored = load_checkpoint(ckpt, model, optimizer, scheduler, lambda sd: load_optimizer_state(accelerator, loss_fn, optimizer, sd))
+        state = LoopState(**{k: v for k, v in restored.items() if k in LoopState.__dataclass_fields__})
         rep.info(f"resumed from {ckpt} at step {state.step}")
     rep.info(f"{len(data.train)} train / {len(data.eval)} eval examples; {steps_per_epoch} steps per epoch; {total_steps} steps; "
-             f"lr {cfg.lr:g}; effective batch {cfg.train.batch_size * ga * accelerator.num_processes}")
+             f"lr {cfg.lr:g}; effective batch {cfg.train.batch_size * micro_per_step} ({cfg.train.batch_size} x {ga} accumulation x {world} process(es))")
 
     def evaluate() -> float:
         """Mean loss over every trained token of the eval set (all processes)."""
@@ -127,8 +129,9 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         return (total[0] / total[1].clamp(min=1)).item()
 
     def save_best() -> None:
+        gathered = full_trainable_state(accelerator, loss_fn) if is_fsdp(accelerator) else None  # FSDP: a collective
         if accelerator.is_main_process:
-            save_trained(accelerator.unwrap_model(loss_fn).model, tokenizer, cfg.method, run_dir)
+            save_trained(accelerator.unwrap_model(loss_fn).model, tokenizer, cfg.method, run_dir, gathered)
 
     result = TrainResult(run_dir, state.step, None, None, False)
     if ckpt is not None and data.eval and cfg.early_stopping_on and state.bad_evals >= cfg.train.early_stopping.patience:
@@ -148,24 +151,26 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     t_loop, eval_seconds = time.perf_counter(), 0.0
     c_loop, eval_cpu_seconds = time.process_time(), 0.0
     while state.step < total_steps:
-        # Each micro-batch runs as one or more passes of at most max_tokens_per_pass tokens.
-        batches = [collate(part, pad_id) for j in range(ga)
-                   for part in split_by_tokens([data.train[i] for i in stream[state.micro + j]], cfg.train.max_tokens_per_pass)]
-        state.micro += ga
+        # This process's share of the global batch; each micro-batch runs as one or more passes
+        # of at most max_tokens_per_pass tokens.
+        batches = [collate(part, pad_id) for mb in stream.for_step(state.micro, ga, rank, world)
+                   for part in split_by_tokens([data.train[i] for i in mb], cfg.train.max_tokens_per_pass)]
+        state.micro += micro_per_step
         # Loss = sum over trained tokens / trained tokens of the whole effective batch, on
         # every process; DDP averages gradients over processes, hence the * world size.
         n_local = torch.tensor(sum(b.n_trained for b in batches), device=device)
         n_global = accelerator.reduce(n_local.clone(), reduction="sum").clamp(min=1)
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
-        for j, b in enumerate(batches):
+        passes = equalize_passes(accelerator, batches)  # FSDP: the same number of passes on every process
+        for j, (b, weight) in enumerate(passes):
             b = b.to(device)
-            sync = accelerator.no_sync(loss_fn) if j < len(batches) - 1 else contextlib.nullcontext()
+            sync = accelerator.no_sync(loss_fn) if j < len(passes) - 1 else contextlib.nullcontext()
             with sync, autocast_for(device, built.compute_dtype):
                 loss_sum, _ = loss_fn(b.input_ids, b.attention_mask, b.labels)
-            accelerator.backward(loss_sum * accelerator.num_processes / n_global)
-            step_loss += loss_sum.detach().double()
-            tokens_since_log += b.n_real
-            result.real_tokens += b.n_real
+            accelerator.backward(loss_sum * (weight * world) / n_global)
+            step_loss += weight * loss_sum.detach().double()
+            tokens_since_log += int(weight) * b.n_real
+            result.real_tokens += int(weight) * b.n_real
         if cfg.train.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -178,7 +183,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         result.losses.append(train_loss)
 
         elapsed = time.perf_counter() - t_log
-        tps = tokens_since_log * accelerator.num_processes / max(elapsed, 1e-9)
+        tps = tokens_since_log * world / max(elapsed, 1e-9)
         rep.step(state.step, train_loss, lr, tps)
         if state.step % cfg.train.log_every == 0:
             rep.metrics(event="train", step=state.step, epoch=state.micro / stream.per_epoch, lr=lr, train_loss=train_loss,
@@ -203,9 +208,9 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
             eval_seconds += time.perf_counter() - t_eval
             eval_cpu_seconds += time.process_time() - c_eval
         if state.step % save_every == 0 or stop or state.step == total_steps:
+            weights, opt_state = full_trainable_state(accelerator, loss_fn), full_optimizer_state(accelerator, loss_fn, optimizer)
             if accelerator.is_main_process:
-                save_checkpoint(run_dir / "checkpoints", state.step, accelerator.unwrap_model(loss_fn).model, optimizer, scheduler,
-                                state.__dict__, cfg.train.keep_checkpoints)
+                save_checkpoint(run_dir / "checkpoints", state.step, weights, opt_state, scheduler, state.__dict__, cfg.train.keep_checkpoints)
             accelerator.wait_for_everyone()
         if stop:
             rep.info(f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evals; "
