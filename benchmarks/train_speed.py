@@ -164,10 +164,12 @@ def build_plan(args: argparse.Namespace, precisions: dict[str, str]) -> dict:
     data = prepare_data(cfg, Renderer.from_config(tok, cfg))
     stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping)
     steps = [list(stream[k]) for k in range(args.steps)]
+    by_source = {c.source: c for c in data.train_conversations}
     rows, examples = [], []
     for batch in steps:
         for i in batch:
-            conv, ex = data.train_conversations[i], data.train[i]
+            ex = data.train[i]
+            conv = by_source[ex.source]  # data.train holds the kept examples only: match by source, not index
             msgs = conv.messages
             if [m["role"] for m in msgs].count("assistant") != 1 or msgs[-1]["role"] != "assistant":
                 raise SystemExit(f"{conv.source}: the benchmark expects single-turn examples")
@@ -382,7 +384,8 @@ def check_same_tokens(plan: dict, trl: dict) -> tuple[int, int]:
     for k, (ex, ids, lab) in enumerate(zip(plan["examples"], trl["input_ids"], trl["labels"])):
         n = len(ids)
         if ex["input_ids"][:n] != list(ids) or any(x != IGNORE for x in ex["labels"][n:]):
-            raise SystemExit(f"token mismatch at example {k} ({ex['source']}): TRL and tunelab tokenize differently")
+            first = next((j for j, (a, b) in enumerate(zip(ex["input_ids"], ids)) if a != b), min(n, len(ex["input_ids"])))
+            raise SystemExit(f"token mismatch at example {k} ({ex['source']}) at token {first}: tunelab {ex['input_ids'][first:first + 4]} vs TRL {list(ids)[first:first + 4]} (lengths {len(ex['input_ids'])}, {n})")
         # TRL labels every completion token; token 0 is never a target, so compare from 1 on.
         if ex["labels"][1:n] != list(lab)[1:n]:
             raise SystemExit(f"label mismatch at example {k} ({ex['source']}): the systems train different tokens")

@@ -120,3 +120,15 @@ def test_fsdp_on_cpu():
         pytest.fail("this accelerate may support FSDP on CPU: write the FSDP equivalence test")
     pytest.skip("FSDP is not available on CPU through accelerate (it enables FSDP only on accelerator devices); "
                 "the FSDP path (equal pass counts, gathered checkpoints) is exercised on GPUs only")
+
+
+def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path, shared_data):
+    """benchmarks/gpu_speed.py must run unchanged on the first GPU lent: its --smoke mode runs the
+    same code on a CPU with a tiny random Llama for 2 steps (it measures nothing)."""
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
+    out = subprocess.run([sys.executable, str(bench), "--smoke", "--systems", "tunelab", "--data", str(shared_data / "alpaca_en_demo.json"),
+                          "--json", str(tmp_path / "r.json")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert rows and rows[0]["system"] == "tunelab" and rows[0]["tokens_per_s"] > 0 and "fast path:" in rows[0]["path"]
