@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import IGNORE, check_same_tokens, model_flops  # noqa: E402  (same FLOP count and token check)
+from train_speed import IGNORE, check_same_tokens, model_flops, trl_loss_log_and_trainer  # noqa: E402  (same FLOP count and token check)
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 SYSTEMS = ("tunelab", "tunelab-liger", "trl", "trl-fast")
@@ -162,9 +162,8 @@ def worker_trl(args: argparse.Namespace, plan: dict, system: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    from tunelab.train.schedule import lr_factor
 
     n_steps, warmup = args.steps, math.ceil(0.05 * args.steps)
     marks: dict[str, float] = {}
@@ -181,19 +180,7 @@ def worker_trl(args: argparse.Namespace, plan: dict, system: str) -> dict:
                 torch.cuda.synchronize()
             marks["end"] = time.perf_counter()
 
-    class Logs(TrainerCallback):
-        def on_log(self, args_, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                records.append({"step": state.global_step, **logs})
-
-    records = logs
-
-    class Trainer(SFTTrainer):
-        def create_scheduler(self, num_training_steps, optimizer=None):  # tunelab's schedule, exactly
-            if self.lr_scheduler is None:
-                opt = optimizer or self.optimizer
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n_steps, warmup, "cosine", 0.0))
-            return self.lr_scheduler
+    Logs, Trainer = trl_loss_log_and_trainer(logs, n_steps, warmup)
 
     fast = system == "trl-fast"
     on_gpu = torch.cuda.is_available()

@@ -206,14 +206,37 @@ def worker_tunelab(args: argparse.Namespace, plan: dict) -> dict:
             "losses": res.losses, "peak_rss": _peak_rss()}
 
 
+def trl_loss_log_and_trainer(records: list[dict], n_steps: int, warmup: int) -> tuple[type, type]:
+    """A TRL callback that appends each logged loss to ``records``, and an SFTTrainer that runs
+    tunelab's warmup + cosine schedule exactly (shared by the CPU and GPU benchmarks)."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    from tunelab.train.schedule import lr_factor
+
+    class Logs(TrainerCallback):
+        def on_log(self, args_, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                records.append({"step": state.global_step, **logs})
+
+    class Trainer(SFTTrainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):  # tunelab's schedule, exactly
+            if self.lr_scheduler is None:
+                opt = optimizer or self.optimizer
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n_steps, warmup, "cosine", 0.0))
+            return self.lr_scheduler
+
+    return Logs, Trainer
+
+
 def worker_trl(args: argparse.Namespace, plan: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    from tunelab.train.schedule import lr_factor
 
     prec = plan["precisions"]["trl"]
     n_steps, warmup = plan["n_steps"], math.ceil(plan["warmup"] * plan["n_steps"])
@@ -227,19 +250,7 @@ def worker_trl(args: argparse.Namespace, plan: dict) -> dict:
         def on_train_end(self, *a, **k):
             marks["end"], marks["cpu_end"] = time.perf_counter(), time.process_time()
 
-    class Logs(TrainerCallback):
-        def on_log(self, args_, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                records.append({"step": state.global_step, **logs})
-
-    records = logs
-
-    class Trainer(SFTTrainer):
-        def create_scheduler(self, num_training_steps, optimizer=None):  # tunelab's schedule, exactly
-            if self.lr_scheduler is None:
-                opt = optimizer or self.optimizer
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n_steps, warmup, "cosine", 0.0))
-            return self.lr_scheduler
+    Logs, Trainer = trl_loss_log_and_trainer(logs, n_steps, warmup)
 
     dtype = torch.bfloat16 if prec == "bf16" else torch.float32
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as out:
