@@ -276,7 +276,13 @@ def test_merge_matches_qlora_forward(qlora_run, tmp_path):
             p_nf4 = loaded.model(input_ids=ids).logits.float().softmax(-1)
     assert (p_qlora - p_nf4).abs().max() > 0.05  # training moved the next-token distribution
     torch.testing.assert_close(p_merged, p_qlora, atol=1e-2, rtol=0)  # peft's 4-bit merge tolerance
-    torch.testing.assert_close(p_merged, p_qlora, atol=1e-4, rtol=0)  # fp32: only summation order differs
+    # fp32 compute: only summation order differs. On AVX512-BF16 CPUs bitsandbytes would switch
+    # eval-mode 4-bit layers to a bf16-only kernel (max diff 1.2e-4 here); inference keeps the
+    # standard fp32 layout when the compute dtype is fp32 (quantize.honour_compute_dtype).
+    from tunelab.models.quantize import quantized_linears
+
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for _, m in quantized_linears(loaded.model))
+    torch.testing.assert_close(p_merged, p_qlora, atol=1e-4, rtol=0)
 
     # the merged base is the NF4-dequantized one the adapter trained on, not the original weights
     import bitsandbytes.functional as F

@@ -56,8 +56,9 @@ def load_for_inference(run_or_model: str, template: Optional[str] = None, device
 
                 model = PeftModel.from_pretrained(model, str(trained))
         if cfg.method == "qlora":
-            from ..models.quantize import place_on
+            from ..models.quantize import honour_compute_dtype, place_on
 
+            honour_compute_dtype(model, dtype)
             place_on(model, device)  # the NF4 base loads onto the current CUDA device or the CPU: move only if elsewhere
         else:
             model.to(device)

@@ -114,6 +114,30 @@ def place_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model
 
 
+def keep_standard_layout(linear: Any) -> None:
+    """Keep a bitsandbytes ``Linear4bit`` on its standard dequantize-then-matmul path.
+
+    With AVX512-BF16, bitsandbytes (0.45+, ``Linear4bit.support_avx512bf16_for_cpu``) repacks
+    the weights on the first eval-mode call and then runs a fused kernel that casts the input
+    to bf16 whatever ``bnb_4bit_compute_dtype`` says, and that has no backward. Disabling it
+    keeps the compute dtype the config chose and the layout training used.
+    """
+    if hasattr(linear, "support_avx512bf16_for_cpu"):
+        linear.support_avx512bf16_for_cpu = False
+
+
+def honour_compute_dtype(model: Any, dtype: torch.dtype) -> Any:
+    """For inference: allow bitsandbytes' bf16 CPU kernel only when the compute dtype is bf16.
+
+    Otherwise an fp32 QLoRA run would silently generate with bf16 matmuls on AVX512-BF16
+    machines and differ from the same run elsewhere (and from its merged model) by bf16
+    rounding rather than summation order."""
+    if dtype != torch.bfloat16:
+        for _, m in quantized_linears(model):
+            keep_standard_layout(m)
+    return model
+
+
 def prepare_quantized_base(model: Any, device: Optional[torch.device] = None) -> Any:
     """Freeze the NF4 base and check that it is what method: qlora promises.
 
@@ -137,8 +161,7 @@ def prepare_quantized_base(model: Any, device: Optional[torch.device] = None) ->
         # the first time it runs in eval mode without grad (e.g. the step-0 eval) and then uses
         # a kernel without a backward: gradients would stop flowing through the base to the
         # adapters below. Training keeps the standard layout.
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+        keep_standard_layout(m)
     for p in model.parameters():
         p.requires_grad_(False)
     if device is not None:
