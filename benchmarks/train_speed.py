@@ -27,8 +27,10 @@ frozen linear layers 4 FLOPs/param/token (forward + input gradient: no weight gr
 frozen base), LoRA 6 FLOPs/param/token, causal attention scores, and lm_head only at trained
 positions. The same FLOP count is used for both systems, so MFU ratios equal speed ratios.
 
-The last line is exactly ``speedup X.XXx memory Y.YYx loss_delta Z.Z%`` (medians over the
-runs): speedup = tunelab tokens/s / TRL tokens/s; memory = tunelab peak RSS / TRL peak RSS (the
+The last line is ``speedup X.XXx memory Y.YYx loss_delta Z.Z% cpu KIND precision P`` (medians
+over the runs; KIND is ``avx512_bf16``, ``amx`` or ``avx2`` (bf16 emulated), read from
+/proc/cpuinfo, and P the precision both systems ran: ``auto`` takes the faster measured peak, so
+fp32 where bf16 is emulated): speedup = tunelab tokens/s / TRL tokens/s; memory = tunelab peak RSS / TRL peak RSS (the
 target is <= 0.5x);
 loss_delta = (tunelab final loss - TRL final loss) / TRL final loss at the last step.
 """
@@ -112,6 +114,21 @@ def matmul_peak(dtype_name: str, budget_s: float = 3.0) -> float:
         best = min(best, time.perf_counter() - t)
         reps += 1
     return 2 * n**3 / best / 1e9
+
+
+def cpu_kind() -> str:
+    """``amx``, ``avx512_bf16`` (native bf16 matmuls) or the vector ISA torch uses (``avx2``...)."""
+    import torch
+
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return torch.backends.cpu.get_cpu_capability().lower()
 
 
 # --------------------------------------------------------------------------- model FLOPs
@@ -471,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     fastest = max(peaks, key=peaks.get)
     precision = fastest if args.precision == "auto" else args.precision
     precisions = {s: precision for s in ("tunelab", "trl")}
-    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads "
+    print(f"cpu {cpu_kind()} (torch capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), load average {os.getloadavg()[0]:.1f}; matmul peak "
           f"fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s -> {precision}"
           + (" (bf16 is emulated here: no avx512_bf16/AMX)" if peaks["bf16"] < peaks["fp32"] else ""), flush=True)
@@ -558,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = table["tunelab"]["tps"] / table["trl"]["tps"]
         memory = table["tunelab"]["rss"] / table["trl"]["rss"]
         delta = (table["tunelab"]["loss"] - table["trl"]["loss"]) / table["trl"]["loss"] * 100
-        print(f"speedup {speed:.2f}x memory {memory:.2f}x loss_delta {delta:.1f}%")
+        print(f"speedup {speed:.2f}x memory {memory:.2f}x loss_delta {delta:.1f}% cpu {cpu_kind()} precision {precision}")
     return 0
 
 
