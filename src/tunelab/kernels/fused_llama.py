@@ -131,8 +131,16 @@ def _load(ctx) -> tuple[tuple[torch.Tensor, ...], dict[str, _LoraFwd]]:
     return main, st
 
 
+def _as_adapter_dtype(x: torch.Tensor, projs: tuple[_Proj, ...]) -> torch.Tensor:
+    """``x`` cast once to the adapters' dtype (fp32 LoRA on a bf16 base) for all of ``projs``
+    that share it as input (q/k/v, gate/up): one (N, H) cast instead of one per adapter."""
+    dt = next((p.lora.A.dtype for p in projs if p.lora is not None), x.dtype)
+    return x.to(dt)
+
+
 def _lora_forward(x: torch.Tensor, lo: _Lora, out: torch.Tensor, row_perm: Optional[torch.Tensor] = None) -> _LoraFwd:
-    """out += scaling * dropout(x) @ A^T @ B^T (B's rows permuted like the base rows when asked)."""
+    """out += scaling * dropout(x) @ A^T @ B^T (B's rows permuted like the base rows when asked).
+    ``x`` may already be in the adapter's dtype (then no copy is made)."""
     mask, inv_keep = None, 1.0
     xin = x.to(lo.A.dtype)
     if lo.p > 0:
@@ -324,11 +332,12 @@ class _AttnBlock(torch.autograd.Function):
         sl = {"q": slice(0, Q), "k": slice(Q, Q + K), "v": slice(Q + K, Q + 2 * K)}
         perms = {"q": sp.perm_q, "k": sp.perm_k, "v": None}
         lora_st = {}
+        xa = _as_adapter_dtype(xn, (sp.q, sp.k, sp.v))
         for name in ("q", "k", "v"):
             p = getattr(sp, name)
             if p.lora is not None:
-                lora_st[name] = _lora_forward(xn, p.lora, qkv[:, sl[name]], perms[name])
-        del xn
+                lora_st[name] = _lora_forward(xa, p.lora, qkv[:, sl[name]], perms[name])
+        del xn, xa
         _rope_(qkv[:, :Q], freqs, sp.n_heads, sp.head_dim)
         _rope_(qkv[:, Q:Q + K], freqs, sp.n_kv, sp.head_dim)
         attn, lse = _attention_forward(qkv, sp)
@@ -360,10 +369,11 @@ class _AttnBlock(torch.autograd.Function):
             dxn = dqkv @ sp.w_qkv
         sl = {"q": slice(0, Q), "k": slice(Q, Q + K), "v": slice(Q + K, Q + 2 * K)}
         perms = {"q": sp.perm_q, "k": sp.perm_k, "v": None}
+        xa = _as_adapter_dtype(xn, (sp.q, sp.k, sp.v))
         for name in ("q", "k", "v"):
             p = getattr(sp, name)
             if p.lora is not None:
-                grads.append((p, _lora_backward(xn, p.lora, lora_st[name], dqkv[:, sl[name]], dxn, perms[name])))
+                grads.append((p, _lora_backward(xa, p.lora, lora_st[name], dqkv[:, sl[name]], dxn, perms[name])))
         dx = None
         if need_x:
             dx = _rms_backward(dxn.mul_(sp.norm_w), xr, rstd, dout)
@@ -395,11 +405,12 @@ class _MlpBlock(torch.autograd.Function):
         xn = xr * sp.norm_w
         g, u = _linear(xn, sp.gate), _linear(xn, sp.up)
         lora_st = {}
+        xa = _as_adapter_dtype(xn, (sp.gate, sp.up))
         for name, t in (("gate", g), ("up", u)):
             p = getattr(sp, name)
             if p.lora is not None:
-                lora_st[name] = _lora_forward(xn, p.lora, t)
-        del xn
+                lora_st[name] = _lora_forward(xa, p.lora, t)
+        del xn, xa
         h = F.silu(g).mul_(u)
         out = torch.addmm(x if sp.down.bias is None else x + sp.down.bias, h, sp.down.weight.t())
         if sp.down.lora is not None:
@@ -423,7 +434,7 @@ class _MlpBlock(torch.autograd.Function):
         del silu
         dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
         del dh
-        xn = xr * sp.norm_w if (sp.gate.lora is not None or sp.up.lora is not None) else None
+        xn = _as_adapter_dtype(xr * sp.norm_w, (sp.gate, sp.up)) if (sp.gate.lora is not None or sp.up.lora is not None) else None
         dxn = None
         if need_x:
             dxn = dg @ sp.gate.weight
