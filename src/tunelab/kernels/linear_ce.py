@@ -36,12 +36,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         # page-faults on first touch: measured here, a 512 x 49152 softmax took 62 ms into fresh
         # memory and 23 ms into reused memory (docs/performance.md).
         buf = torch.empty((min(chunk, n), weight.shape[0]), dtype=torch.float32, device=h.device)
+        # A bf16 (or fp16) model also gets one reused low-precision buffer for the matmul output and
+        # for the softmax gradient's operand, rather than two fresh (chunk, V) tensors per chunk.
+        low = None
+        if weight.dtype != torch.float32 and h.dtype == weight.dtype:
+            low = torch.empty((min(chunk, n), weight.shape[0]), dtype=weight.dtype, device=h.device)
         for s in range(0, n, chunk):
             hc, yc = h[s:s + chunk], targets[s:s + chunk]
             m = hc.shape[0]
             logits = buf[:m]
             if weight.dtype == torch.float32 and hc.dtype == torch.float32:
                 torch.mm(hc, weight.t(), out=logits)
+            elif low is not None:
+                torch.mm(hc, weight.t(), out=low[:m])
+                logits.copy_(low[:m])
             else:
                 logits.copy_(hc @ weight.t())
             picked = logits.gather(1, yc[:, None])  # (m, 1)
@@ -52,7 +60,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 p.div_(total)  # softmax
                 p.scatter_add_(1, yc[:, None], torch.full_like(picked, -1.0))  # softmax - onehot
-                pw = p if weight.dtype == torch.float32 else p.to(weight.dtype)
+                pw = p if weight.dtype == torch.float32 else (low[:m].copy_(p) if low is not None else p.to(weight.dtype))
                 if need_h:
                     torch.mm(pw, weight, out=dh[s:s + chunk])
                 if need_w:
