@@ -46,10 +46,18 @@ class ModelConfig:
 
 @dataclass
 class DatasetEntry:
-    path: str = _f(None, "File: .jsonl, .json, .csv or .parquet.")
+    path: str = _f(None, "File (.jsonl, .json, .csv, .parquet) or a folder written by datasets' save_to_disk.")
+    hub: Optional[str] = _f(None, "A Hugging Face dataset id read from the local HF cache (HF_HOME), never downloaded: e.g. tatsu-lab/alpaca. Give path or hub.")
+    split: Optional[str] = _f(None, "Split of a save_to_disk folder or hub dataset (default: the only split, else train).")
+    columns: Optional[dict[str, str]] = _f(None, "Column mapping {format key: your column}, applied before format detection: {prompt: question, completion: answer}, {messages: dialog}, {instruction: q, input: ctx, output: a}.")
     format: Literal["auto", "alpaca", "dolly", "flan", "sharegpt", "messages", "text"] = _f("auto", "Record format; auto detects it from the keys.")
     weight: float = _f(1.0, "Mixing weight: datasets contribute examples in proportion to their weights.")
-    name: Optional[str] = _f(None, "Task tag used when records carry none (default: the file's stem).")
+    name: Optional[str] = _f(None, "Task tag used when records carry none (default: the file's stem or the hub dataset's name).")
+
+    @property
+    def source(self) -> str:
+        """How errors and reports name this dataset: the path, or hub:<id>."""
+        return self.path if self.path else f"hub:{self.hub}"
 
 
 @dataclass
@@ -114,7 +122,8 @@ class Config:
     name: str = _f("run", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: Optional[str] = _f(None, "Run directory (default runs/<name>).")
     method: Literal["lora", "qlora", "full"] = _f("lora", "lora (default), qlora (LoRA on an NF4 base) or full fine-tuning.")
-    template: str = _f("auto", "Prompt template: auto (the tokenizer's chat template) or chatml, llama3, llama2, mistral, alpaca, plain.")
+    template: str = _f("auto", "Prompt template: auto (the tokenizer's chat template), chatml, llama3, llama2, mistral, alpaca, plain, a .jinja file, or an inline Jinja chat template. Custom templates pass the same parity check as the built-ins.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(factory=list, doc="Experiment trackers (accelerate's): tensorboard (logs in <run>/tracking), wandb, mlflow (MLFLOW_TRACKING_URI, default <run>/mlruns). Metrics, the config as hyperparameters and the final tables, from rank 0. Each needs its extra: pip install 'tunelab[tensorboard]'.")
     model: ModelConfig = _f(factory=ModelConfig, doc="The model.")
     data: DataConfig = _f(factory=DataConfig, doc="Datasets, masking and lengths.")
     lora: LoraConfig = _f(factory=LoraConfig, doc="LoRA adapters.")
@@ -172,6 +181,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
         return _build(tp, value, where)
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and ("off" in choices or "on" in choices):
@@ -253,8 +267,8 @@ def _validate(obj: Any, where: str) -> None:
         return ConfigError(f"{where + '.' if where else ''}{key}: {msg}")
 
     if isinstance(obj, DatasetEntry):
-        if not obj.path:
-            raise bad("path", "every dataset needs a path")
+        if bool(obj.path) == bool(obj.hub):
+            raise bad("path", "every dataset needs a path (file or save_to_disk folder) or a hub id, not both")
         if obj.weight <= 0:
             raise bad("weight", f"must be > 0, got {obj.weight}")
     elif isinstance(obj, DataConfig):
@@ -346,15 +360,20 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
     def fix(entry: Optional[DatasetEntry]) -> Optional[DatasetEntry]:
-        if entry is None:
-            return None
+        if entry is None or not entry.path:
+            return entry
         p = Path(os.path.expanduser(entry.path))
         if not p.is_absolute() and not p.exists() and (base / p).exists():
             p = base / p
         return dataclasses.replace(entry, path=str(p))
 
     data = dataclasses.replace(cfg.data, train=[fix(e) for e in cfg.data.train], eval=fix(cfg.data.eval))
-    return dataclasses.replace(cfg, data=data)
+    template = cfg.template
+    if template.endswith((".jinja", ".jinja2", ".j2")) and "{" not in template:  # a template file, not inline Jinja
+        t = Path(os.path.expanduser(template))
+        if not t.is_absolute() and not t.exists() and (base / t).exists():
+            template = str(base / t)
+    return dataclasses.replace(cfg, data=data, template=template)
 
 
 def config_from_dict(d: dict) -> Config:

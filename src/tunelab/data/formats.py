@@ -12,7 +12,9 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
+
+from .columns import apply_columns, suggest_columns
 
 FORMATS = ("alpaca", "dolly", "flan", "sharegpt", "messages", "text")
 
@@ -53,15 +55,17 @@ class DataError(ValueError):
 
 @dataclass
 class Record:
-    """One raw record as read from a file, with its location."""
+    """One raw record as read from a file, with its location: ``file:line``, or for a
+    Hugging Face dataset (``row=True``) ``dataset[split] row N`` with N the 0-based row index."""
 
     data: dict
     path: str
     line: int
+    row: bool = False
 
     @property
     def where(self) -> str:
-        return f"{self.path}:{self.line}"
+        return f"{self.path} row {self.line}" if self.row else f"{self.path}:{self.line}"
 
 
 @dataclass
@@ -135,6 +139,8 @@ def read_records(path: str | Path) -> Iterator[Record]:
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), "file not found")
+    if path.is_dir():
+        raise DataError(str(path), "a folder, but not one written by datasets' save_to_disk (no dataset_info.json or dataset_dict.json); point at a file or such a folder")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         with open(path, encoding="utf-8", errors="strict") as fh:
@@ -186,7 +192,9 @@ def detect_format(keys: set[str]) -> Optional[str]:
 def _unknown_format(rec: Record, fmt: Optional[str] = None) -> DataError:
     keys = sorted(rec.data) if isinstance(rec.data, dict) else type(rec.data).__name__
     what = f"record does not match format {fmt!r}" if fmt else "unknown record format"
-    return DataError(rec.where, f"{what}; keys seen: {keys}; {FORMAT_HELP}. Set `format:` on the dataset or rename the keys.")
+    hint = suggest_columns(rec.data)
+    fix = f"map your columns on the dataset, e.g. `{hint}`" if hint else "map your columns on the dataset (`columns: {prompt: COL, completion: COL}`)"
+    return DataError(rec.where, f"{what}; keys seen: {keys}; {FORMAT_HELP}. Set `format:`, or {fix}.")
 
 
 # --------------------------------------------------------------------------- conversion
@@ -294,14 +302,29 @@ class LoadedDataset:
     skipped: list[str] = field(default_factory=list)  # "file:line: reason" for on_error=skip
 
 
-def load_dataset_file(path: str | Path, fmt: str = "auto", on_error: str = "raise", task: Optional[str] = None) -> LoadedDataset:
+def load_dataset_file(path: str | Path, fmt: str = "auto", on_error: str = "raise", task: Optional[str] = None,
+                      columns: Optional[dict[str, str]] = None) -> LoadedDataset:
     """Read a file into Conversations. ``fmt='auto'`` detects it from the first record."""
     path = Path(path)
-    default_task = task or path.stem
+    return convert_records(read_records(path), str(path), fmt, on_error, task or path.stem, columns)
+
+
+def convert_records(records: Iterable[Record], source: str, fmt: str = "auto", on_error: str = "raise",
+                    default_task: Optional[str] = None, columns: Optional[dict[str, str]] = None) -> LoadedDataset:
+    """Records (of a file or a Hugging Face dataset) -> Conversations, columns mapped first.
+    ``fmt='auto'`` detects the format from the first record."""
     convs: list[Conversation] = []
     skipped: list[str] = []
     resolved = None if fmt == "auto" else fmt
-    for rec in read_records(path):
+    for rec in records:
+        if columns:
+            mapped, problem = apply_columns(rec.data, columns)
+            if problem:
+                if on_error == "raise":
+                    raise DataError(rec.where, problem + "; fix data.columns")
+                skipped.append(f"{rec.where}: {problem}")
+                continue
+            rec = Record(mapped, rec.path, rec.line, rec.row)
         if resolved is None:
             if not isinstance(rec.data, dict) or (found := detect_format(set(rec.data))) is None:
                 raise _unknown_format(rec)
@@ -313,5 +336,5 @@ def load_dataset_file(path: str | Path, fmt: str = "auto", on_error: str = "rais
                 raise DataError(e.where, str(e)[len(e.where) + 2:] + " (set data.on_error: skip to skip bad records)") from None
             skipped.append(str(e))
     if resolved is None:
-        raise DataError(str(path), "the file holds no records")
-    return LoadedDataset(convs, resolved, str(path), skipped)
+        raise DataError(source, "the dataset holds no records" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    return LoadedDataset(convs, resolved, source, skipped)

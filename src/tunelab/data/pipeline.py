@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from ..config import Config, DatasetEntry
-from .formats import Conversation, DataError, load_dataset_file
+from .formats import Conversation, DataError, convert_records, load_dataset_file
+from .hf_datasets import is_saved_dataset, read_hf_records
 from .mixing import mix, stratified_split
 from .render import EncodedExample, EncodeStats, Renderer
 
@@ -24,7 +26,14 @@ class PreparedData:
 
 
 def load_conversations(entry: DatasetEntry, on_error: str) -> tuple[list[Conversation], str, list[str]]:
-    ds = load_dataset_file(entry.path, entry.format, on_error, task=entry.name)
+    if entry.hub or is_saved_dataset(entry.path):  # a Hugging Face dataset: cached hub id or save_to_disk folder
+        records, name = read_hf_records(entry.path if not entry.hub else None, entry.hub, entry.split)
+        task = entry.name or (entry.hub.split("/")[-1] if entry.hub else Path(entry.path).name)
+        ds = convert_records(records, name, entry.format, on_error, task, entry.columns)
+    else:
+        if entry.split:
+            raise DataError(entry.path, "split: applies to save_to_disk folders and hub datasets, not to files; remove it")
+        ds = load_dataset_file(entry.path, entry.format, on_error, task=entry.name, columns=entry.columns)
     return ds.conversations, ds.format, ds.skipped
 
 
@@ -37,7 +46,7 @@ def prepare_conversations(cfg: Config) -> tuple[list[Conversation], list[Convers
     evals: list[Conversation] = []
     for k, entry in enumerate(cfg.data.train):
         convs, fmt, bad = load_conversations(entry, cfg.data.on_error)
-        formats[entry.path] = fmt
+        formats[entry.source] = fmt
         skipped += bad
         if cfg.data.eval is None and cfg.data.eval_fraction > 0:
             convs, ev = stratified_split(convs, cfg.data.eval_fraction, cfg.train.seed + k)
@@ -46,7 +55,7 @@ def prepare_conversations(cfg: Config) -> tuple[list[Conversation], list[Convers
     train = mix(parts, cfg.train.seed)
     if cfg.data.eval is not None:
         evals, fmt, bad = load_conversations(cfg.data.eval, cfg.data.on_error)
-        formats[cfg.data.eval.path] = fmt
+        formats[cfg.data.eval.source] = fmt
         skipped += bad
     return train, evals, formats, skipped
 
