@@ -29,5 +29,6 @@ def preview(cfg: Config, renderer: Renderer, n: int = 3, as_json: bool = False, 
         console.rule(f"{conv.source}  tokens {seg['n_tokens']}  trained {seg['n_trained']}")
         console.print(t)
     if not as_json:
+        console.print(f"[dim]template: {renderer.template_name}[/dim]", highlight=False, soft_wrap=True)
         console.print("[dim]dim = masked (label -100); [bold green]green[/bold green] = trained[/dim]")
     return out

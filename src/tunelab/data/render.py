@@ -87,6 +87,55 @@ class TemplateParityError(TemplateError):
     """The inference prompt's tokens differ from the training tokens' prefix."""
 
 
+def custom_template(template: str) -> tuple[str, str]:
+    """(Jinja source, display name) of a custom template: a file (.jinja, .jinja2, .j2, or any
+    existing file) or an inline Jinja chat template string."""
+    if "{{" in template or "{%" in template:
+        return template, "inline template"
+    from pathlib import Path
+
+    p = Path(template).expanduser()
+    if p.suffix.lower() in (".jinja", ".jinja2", ".j2") or p.is_file():
+        if not p.is_file():
+            raise TemplateError(f"template: {p} not found")
+        return p.read_text(encoding="utf-8"), f"template file {p}"
+    raise TemplateError(f"unknown template {template!r}; use auto, one of {', '.join(BUILTIN_TEMPLATES)}, a .jinja file or an inline Jinja template")
+
+
+def template_source(template: str, tokenizer: Any = None) -> Optional[str]:
+    """The Jinja source a ``template`` setting stands for (None for auto: the tokenizer's own)."""
+    if template == "auto":
+        return getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    return BUILTIN_TEMPLATES[template] if template in BUILTIN_TEMPLATES else custom_template(template)[0]
+
+
+# A conversation with every role and two assistant turns: what a custom template must render
+# prefix-stably and token-for-token like its inference prompts before any data is read.
+PROBE_CONVERSATION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3 + 3?"},
+    {"role": "assistant", "content": "6."},
+]
+
+
+def check_template(renderer: "Renderer") -> None:
+    """Run the parity checks of training (prefix stability, inference tokens == training
+    prefix) on :data:`PROBE_CONVERSATION`; raise TemplateError with the reason if they fail."""
+    import jinja2
+
+    conv = Conversation(messages=[dict(m) for m in PROBE_CONVERSATION], source="the probe conversation")
+    try:
+        exs, _ = renderer.encode_many([conv], None, "drop")
+    except TemplateError as e:
+        raise TemplateParityError(f"refused: {e}") from None
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"template {renderer.template_name!r} does not render: {type(e).__name__}: {e}") from None
+    if not exs:
+        raise TemplateError(f"refused: template {renderer.template_name!r} leaves no trained tokens in a conversation with two assistant turns")
+
+
 @dataclass
 class RenderedText:
     """A conversation rendered to text, with the character ranges that carry loss."""
@@ -175,8 +224,10 @@ class Renderer:
         elif template in BUILTIN_TEMPLATES:
             self.chat_template = BUILTIN_TEMPLATES[template]
         else:
-            raise TemplateError(f"unknown template {template!r}; use auto or one of {', '.join(BUILTIN_TEMPLATES)}")
+            self.chat_template, self.template_name = custom_template(template)
         self.eot_markers = self._eot_markers(template)
+        if template != "auto" and template not in BUILTIN_TEMPLATES:
+            check_template(self)  # a custom template is refused up front when it breaks parity
 
     @classmethod
     def from_config(cls, tokenizer: Any, cfg: Any) -> "Renderer":

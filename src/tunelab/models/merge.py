@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config, load_config
-from ..data.render import BUILTIN_TEMPLATES
+from ..data.render import template_source
 from ..files import atomic_dir
 from .adapters import merge_lora_state_dict
 from .load import compute_dtype, load_base_state_dict, load_model, load_tokenizer, resolve_model_path
@@ -92,8 +92,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: Optional[str] = N
     if out_dtype is not None:
         merged = {k: (v.to(out_dtype) if v.is_floating_point() else v) for k, v in merged.items()}
     tok = load_tokenizer(base_dir)
-    if cfg.template in BUILTIN_TEMPLATES:
-        tok.chat_template = BUILTIN_TEMPLATES[cfg.template]  # ship the template the model was trained with
+    if cfg.template != "auto":
+        tok.chat_template = template_source(cfg.template)  # ship the template the model was trained with
 
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
