@@ -48,3 +48,20 @@ def make_learnable_llama(out: Path, tokenizer, seed: int = 0, layers: int = 2, h
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def make_small_bpe_tokenizer(out: Path):
+    """A real byte-level BPE tokenizer (the kind SmolLM2, Llama 3 and Qwen2 use) with a vocab of
+    a few hundred tokens, trained on a few sentences: for tests whose cost grows with the vocab
+    (a GGUF reader parses every token and merge string)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["The quick brown fox jumps over the lazy dog. Name a number after 41. It is 42, the answer. " * 3,
+            "def add(a, b):\n    return a + b\n", "<|im_start|>user\nWhat is the capital of France?<|im_end|>\nParis."]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    tok.save_pretrained(out)
+    return tok

@@ -43,6 +43,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .models.export_gguf import export_run
+    from .train.reporting import format_bytes
+
+    info = export_run(args.run, args.gguf, args.type)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(info.types.items()))
+    print(f"GGUF written to {info.path}: {info.arch}, {info.qtype}, {info.n_tensors} tensors ({types}), {format_bytes(info.bytes)}")
+    for note in info.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def _read_prompts(path: str) -> list[list[dict]]:
     from .data.formats import DataError, detect_format, read_records, to_conversation
 
@@ -141,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the merged weights (default: the base's)")
     m.set_defaults(func=cmd_merge)
 
+    ex = sub.add_parser("export", help="export a run (adapter merged) as GGUF for llama.cpp / Ollama")
+    ex.add_argument("run", help="run dir (runs/NAME), or a merged model dir")
+    ex.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (must not exist)")
+    ex.add_argument("--type", choices=["f16", "q8_0"], default="f16", help="tensor type of the matrices (default f16; norms stay f32)")
+    ex.set_defaults(func=cmd_export)
+
     for name, fn, hlp in (("generate", cmd_generate, "complete prompts with the training template"), ("chat", cmd_chat, "chat with the training template")):
         g = sub.add_parser(name, help=hlp)
         g.add_argument("run", help="run dir, model dir, hub id, .gguf, or smollm2-135m-instruct")
@@ -169,10 +187,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .data.formats import DataError
     from .data.render import TemplateError
+    from .models.load import ModelError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, TemplateError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, TemplateError, ModelError, FileNotFoundError, FileExistsError) as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
 
