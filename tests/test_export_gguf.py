@@ -195,3 +195,56 @@ def test_llama_cpp_runs_the_export(run_and_merged, tmp_path):
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, verbose=False)
     assert llm.tokenize(b"Hello world", add_bos=False)
     assert llm("Name a number after 41.", max_tokens=4)["choices"][0]["text"] is not None
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_round_trip_figures(tmp_path, tokenizer_dir):
+    """The embedded SmolLM2-135M after a short LoRA run: f16 and q8_0 GGUF vs the merged model.
+    Prints the figures (max |logit diff|, next-token agreement, file sizes)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    real_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"Name a number after {i}.", "output": str(i + 1)} for i in range(8)])
+    cfg = config_from_dict({
+        "name": "smol-export", "output_dir": str(tmp_path / "run"),
+        "model": {"name": "smollm2-135m-instruct", "dtype": "fp32"},
+        "data": {"train": [{"path": str(data)}], "audit": "off", "max_seq_len": 64},
+        "lora": {"rank": 8, "targets": "all-linear"},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "warmup": 0.0},
+    })
+    train(cfg, console=Console(file=io.StringIO()))
+    merged_dir = merge_run(tmp_path / "run", tmp_path / "merged")
+    want = _logits(AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval(), real_tok)
+    rounded = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.ndim == 2:
+                p.copy_(p.half().float())
+    want16 = _logits(rounded, real_tok)
+    del rounded
+    figures = {}
+    for qtype in ("f16", "q8_0"):
+        info = export_model_dir(merged_dir, tmp_path / f"smol-{qtype}.gguf", qtype, name="smol-export")
+        model, tok2 = _load_gguf(info.path)
+        got = _logits(model, real_tok)
+        figures[qtype] = {
+            "bytes": info.bytes,
+            "max_abs_logit_diff": max((g - w).abs().max().item() for g, w in zip(got, want)),
+            "max_abs_logit": max(w.abs().max().item() for w in want),
+            "next_token_agreement": torch.cat([(g.argmax(-1) == w.argmax(-1)).float() for g, w in zip(got, want)]).mean().item(),
+            "positions": sum(len(w) for w in want),
+        }
+        if qtype == "f16":
+            figures[qtype]["max_abs_logit_diff_vs_fp16_rounded_weights"] = max((g - w).abs().max().item() for g, w in zip(got, want16))
+        assert all(tok2(p, add_special_tokens=False)["input_ids"] == real_tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS)
+        del model
+    figures["safetensors_fp32_bytes"] = (merged_dir / "model.safetensors").stat().st_size
+    print("\nGGUF round trip, embedded SmolLM2-135M:", json.dumps(figures, indent=1))
+    f16, q8 = figures["f16"], figures["q8_0"]
+    # f16: the same numbers as the merged model with fp16-rounded weights (fp32 noise over 30
+    # layers); vs fp32 weights within 5e-3 x max |logit|; a near-tie may flip the argmax
+    assert f16["max_abs_logit_diff_vs_fp16_rounded_weights"] <= 1e-3
+    assert f16["max_abs_logit_diff"] <= 5e-3 * f16["max_abs_logit"] and f16["next_token_agreement"] >= 0.95
+    assert q8["next_token_agreement"] >= 0.9 and q8["bytes"] < 0.6 * f16["bytes"]

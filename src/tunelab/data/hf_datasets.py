@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 
 from .formats import DataError, Record
 
-INSTALL = "pip install datasets (it comes with tunelab's dev and bench extras)"
+INSTALL = "pip install 'tunelab[datasets]'"
 
 
 def is_saved_dataset(path: str | Path) -> bool:

@@ -73,7 +73,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     resume_step = int(ckpt.name.split("-")[1]) if ckpt else None
-    rep = make_reporter(accelerator.is_main_process, run_dir, console, resume_step)
+    rep = make_reporter(accelerator.is_main_process, run_dir, console, resume_step, cfg)  # + cfg.report_to trackers
     rep.info(f"[bold]tunelab train[/bold] {cfg.name} -> {run_dir}  ({accelerator.num_processes} process(es) on {device})")
     if overrides:
         rep.info("overridden: " + ", ".join(overrides))
@@ -233,6 +233,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     rep.info(f"done: {state.step} steps; " + (f"best eval loss {result.best_eval:.4f} at step {state.best_step}; " if result.best_eval is not None else "")
              + f"result in {run_dir / ('model' if cfg.method == 'full' else 'adapter')}; "
              + "; ".join(f"{k} {format_bytes(v)}" for k, v in mem.items()))
+    rep.final(steps=state.step, best_eval_loss=result.best_eval, best_step=state.best_step, stopped_early=result.stopped_early,
+              trained_tokens=state.trained_tokens, train_seconds=round(result.train_seconds, 3))
     return result
 
 

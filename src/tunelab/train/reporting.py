@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from ..files import atomic_write_text
+from .tracking import check_trackers, open_trackers
 
 METRIC_KEYS = ("step", "epoch", "lr", "train_loss", "eval_loss", "trained_tokens", "tokens_per_s")
 
@@ -37,7 +38,7 @@ def format_bytes(n: float) -> str:
 class Reporter:
     """What the main process shows and writes."""
 
-    def __init__(self, run_dir: Path, console: Optional[Console] = None, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, console: Optional[Console] = None, resume_step: Optional[int] = None, cfg: Any = None):
         self.console = console or Console(stderr=False)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,7 @@ class Reporter:
             self._truncate_metrics(resume_step)
         self._progress: Optional[Progress] = None
         self._task = None
+        self.trackers = open_trackers(cfg, self.run_dir)  # report_to: accelerate's trackers, or None
 
     def _truncate_metrics(self, step: int) -> None:
         """On resume, keep the lines up to the checkpoint's step: the rest is replayed."""
@@ -71,6 +73,8 @@ class Reporter:
         for r in rows:
             t.add_row(*[str(x) for x in r])
         self.console.print(t)
+        if self.trackers:
+            self.trackers.table(title, rows, headers)
 
     def start(self, total_steps: int, first_step: int = 0) -> None:
         self._progress = Progress(
@@ -94,6 +98,8 @@ class Reporter:
                 row[k] = None
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.trackers:
+            self.trackers.log(row)
         if not self.console.is_terminal and row.get("event") in ("train", "eval"):
             # No live bar (CI, pipes): one plain line per logged event.
             parts = [f"step {row['step']}"]
@@ -106,6 +112,12 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+    def final(self, **values: Any) -> None:
+        """The run's outcome, for the trackers (which are closed here)."""
+        if self.trackers:
+            self.trackers.final(values)
+            self.trackers.finish()
 
 
 class NullReporter(Reporter):
@@ -121,7 +133,10 @@ class NullReporter(Reporter):
     def step(self, *a: Any, **k: Any) -> None: ...
     def metrics(self, **values: Any) -> None: ...
     def close(self) -> None: ...
+    def final(self, **values: Any) -> None: ...
 
 
-def make_reporter(is_main: bool, run_dir: Path, console: Optional[Console] = None, resume_step: Optional[int] = None) -> Reporter:
-    return Reporter(run_dir, console, resume_step) if is_main else NullReporter()
+def make_reporter(is_main: bool, run_dir: Path, console: Optional[Console] = None, resume_step: Optional[int] = None, cfg: Any = None) -> Reporter:
+    """The main process's reporter (with ``cfg.report_to``'s trackers), the null one elsewhere."""
+    check_trackers(getattr(cfg, "report_to", ()) or ())  # every rank fails alike on a missing package
+    return Reporter(run_dir, console, resume_step, cfg) if is_main else NullReporter()
