@@ -156,3 +156,12 @@ def test_cli_preview_of_a_cached_hub_dataset(tmp_path, tiny_model_dir):
     r = subprocess.run([sys.executable, "-m", "tunelab", "preview", str(cfg)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("tunelab: error: hub:tunelab-test/missing: not in the local Hugging Face cache")
+
+
+def test_config_doc_documents_the_new_fields():
+    r = subprocess.run([sys.executable, "-m", "tunelab", "config-doc"], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+    assert "local HF cache" in rows["data.eval.hub"] and "save_to_disk" in rows["data.eval.split"]
+    assert "{prompt: question, completion: answer}" in rows["data.eval.columns"] and "hub, split, columns" in rows["data.train"]
+    assert ".jinja file" in rows["template"] and "parity" in rows["template"]
+    assert "tensorboard" in rows["report_to"] and "mlflow" in rows["report_to"] and "wandb" in rows["report_to"]

@@ -62,7 +62,7 @@ class DatasetEntry:
 
 @dataclass
 class DataConfig:
-    train: list[DatasetEntry] = _f(factory=list, doc="Training datasets: a list of {path, format, weight}.")
+    train: list[DatasetEntry] = _f(factory=list, doc="Training datasets: a list of {path or hub, split, columns, format, weight, name} (each field as under data.eval).")
     eval: Optional[DatasetEntry] = _f(None, "Eval dataset {path, format}. Takes precedence over eval_fraction.")
     eval_fraction: float = _f(0.0, "Fraction of the training data split off for eval, seeded and stratified by task.")
     on_error: Literal["raise", "skip"] = _f("raise", "Bad records: raise an error naming file:line, or skip them and report the count.")
