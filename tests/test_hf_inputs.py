@@ -165,3 +165,25 @@ def test_config_doc_documents_the_new_fields():
     assert "{prompt: question, completion: answer}" in rows["data.eval.columns"] and "hub, split, columns" in rows["data.train"]
     assert ".jinja file" in rows["template"] and "parity" in rows["template"]
     assert "tensorboard" in rows["report_to"] and "mlflow" in rows["report_to"] and "wandb" in rows["report_to"]
+
+
+def test_training_on_a_saved_dataset_with_mapping(tmp_path, tiny_model_dir):
+    import io
+
+    from rich.console import Console
+
+    from tunelab.train.recipe import train
+
+    datasets.Dataset.from_list(QA).save_to_disk(str(tmp_path / "qa"))
+    cfg = config_from_dict({
+        "name": "hf", "output_dir": str(tmp_path / "run"), "template": "chatml",
+        "model": {"name": tiny_model_dir, "dtype": "fp32"},
+        "data": {"train": [{"path": str(tmp_path / "qa"), "columns": {"prompt": "question", "completion": "answer"}}]},
+        "train": {"max_steps": 2, "batch_size": 3},
+    })
+    out = io.StringIO()
+    result = train(cfg, console=Console(file=out, width=300))
+    log = out.getvalue()
+    assert result.steps == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert f"{{'{tmp_path / 'qa'}': 'flan'}}" in log  # the data line names the dataset and its format
+    assert "data audit skips" in log and "not audited yet" in log
