@@ -81,6 +81,8 @@ def test_hub_dataset_from_the_local_cache_offline(tmp_path, monkeypatch):
     convs, fmt, _ = load_conversations(entry(hub="tunelab-test/tiny-qa", split="train", columns={"prompt": "question", "completion": "answer"}), "raise")
     assert fmt == "flan" and [c.messages[1]["content"] for c in convs] == [r["answer"] for r in QA]
     assert convs[0].source == "hub:tunelab-test/tiny-qa[train] row 0" and convs[0].task == "tiny-qa"
+    with pytest.raises(DataError, match=r"hub:tunelab-test/tiny-qa: no split 'validation'; the dataset has \['train'\]"):
+        load_conversations(entry(hub="tunelab-test/tiny-qa", split="validation"), "raise")
     with pytest.raises(DataError) as e:  # not cached: one clear line, no traceback, no network wait
         load_conversations(entry(hub="tunelab-test/not-cached", split="train"), "raise")
     msg = str(e.value)

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "accelerate", "peft", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "accelerate", "peft", "httpx", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     from .data.formats import DataError

@@ -92,11 +92,9 @@ def open_hf_dataset(path: Optional[str] = None, hub: Optional[str] = None, split
         cache = datasets_cache_dir()
         try:
             with _hub_offline():
-                obj = ds_lib.load_dataset(hub, split=split, cache_dir=cache)
+                obj = ds_lib.load_dataset(hub, cache_dir=cache)  # every split: the split is picked below, as for folders
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "split" in msg.lower() and "available" in msg.lower():
-                raise DataError(where, f"{msg}") from None
             raise DataError(where, f"not in the local Hugging Face cache ({cache}); tunelab reads hub datasets from the cache only. "
                                    f"Cache it once where the hub is reachable (python -c \"import datasets; datasets.load_dataset('{hub}')\"), "
                                    f"or save it with save_to_disk and use path: ({type(e).__name__}: {msg})") from None
