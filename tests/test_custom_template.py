@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tinymodels import write_jsonl
+from tunelab.cli import main
 from tunelab.data.formats import Conversation
 from tunelab.data.render import BUILTIN_TEMPLATES, Renderer, TemplateError, TemplateParityError
 
@@ -57,7 +58,7 @@ def _run(args, **kw):
     return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, timeout=300, env=dict(os.environ), **kw)
 
 
-def test_cli_preview_shows_a_file_template_and_refuses_a_broken_one(tmp_path, tiny_model_dir):
+def test_cli_preview_shows_a_file_template_and_refuses_a_broken_one(tmp_path, tiny_model_dir, capsys):
     write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"Say {k}", "output": f"{k}!"} for k in range(3)])
     (tmp_path / "qa.jinja").write_text(QA_TEMPLATE)
     cfg = tmp_path / "run.yaml"
@@ -65,10 +66,10 @@ def test_cli_preview_shows_a_file_template_and_refuses_a_broken_one(tmp_path, ti
     r = _run(["preview", str(cfg), "-n", "1"], cwd="/")  # the template file is found next to the config
     assert r.returncode == 0, r.stderr
     assert "Q: Say 0" in r.stdout and f"template: template file {tmp_path / 'qa.jinja'}" in r.stdout
-    r = _run(["preview", str(cfg), "-n", "1", "--json"])
-    seg = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("{")))
+    assert main(["preview", str(cfg), "-n", "1", "--json"]) == 0
+    seg = json.loads(next(x for x in capsys.readouterr().out.splitlines() if x.startswith("{")))
     assert [s["text"] for s in seg["segments"] if s["trained"]] == [" 0!<|im_end|>"]  # SmolLM2's eos is <|im_end|>
     (tmp_path / "qa.jinja").write_text(QA_TEMPLATE.replace("A:{% endif %}", "Answer:{% endif %}"))
-    r = _run(["preview", str(cfg)])
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "tunelab: error: refused: template" in r.stderr and "not prefix-stable" in r.stderr
+    assert main(["preview", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "tunelab: error: refused: template" in err and "not prefix-stable" in err

@@ -181,11 +181,13 @@ def test_other_llama_family_archs_round_trip(kind, tmp_path, tokenizer):
         assert (g - w).abs().max() <= 5e-3 * w.abs().max()
 
 
-def test_refusals(run_and_merged, tmp_path):
+def test_refusals(run_and_merged, tmp_path, capsys):
     run, _ = run_and_merged
     (tmp_path / "taken.gguf").write_bytes(b"user data")
-    r = _cli("export", str(run), "--gguf", str(tmp_path / "taken.gguf"))
-    assert r.returncode == 2 and "exists; choose a new output file" in r.stderr and "Traceback" not in r.stderr
+    from tunelab.cli import main
+
+    assert main(["export", str(run), "--gguf", str(tmp_path / "taken.gguf")]) == 2
+    assert "exists; choose a new output file" in capsys.readouterr().err
     assert (tmp_path / "taken.gguf").read_bytes() == b"user data"
     from transformers import GPT2Config, GPT2LMHeadModel
 

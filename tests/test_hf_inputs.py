@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tinymodels import write_jsonl
+from tunelab.cli import main
 from tunelab.config import ConfigError, config_from_dict, load_config
 from tunelab.data.formats import DataError
 from tunelab.data.pipeline import load_conversations, prepare_conversations
@@ -143,7 +144,7 @@ def test_mapping_to_a_missing_column_names_the_record(tmp_path):
 
 # --------------------------------------------------------------------------- from the CLI
 
-def test_cli_preview_of_a_cached_hub_dataset(tmp_path, tiny_model_dir):
+def test_cli_preview_of_a_cached_hub_dataset(tmp_path, tiny_model_dir, monkeypatch, capsys):
     home = tmp_path / "hf"
     cache_hub_dataset(home, "tunelab-test/tiny-qa", QA, tmp_path)
     cfg = tmp_path / "run.yaml"
@@ -155,14 +156,16 @@ def test_cli_preview_of_a_cached_hub_dataset(tmp_path, tiny_model_dir):
     rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert len(rows) == 2 and [s["text"] for s in rows[1]["segments"] if s["trained"]] == ["2<|im_end|>"]
     cfg.write_text(cfg.read_text().replace("tiny-qa", "missing"))
-    r = subprocess.run([sys.executable, "-m", "tunelab", "preview", str(cfg)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("tunelab: error: hub:tunelab-test/missing: not in the local Hugging Face cache")
+    monkeypatch.setenv("HF_HOME", str(home))
+    assert main(["preview", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("tunelab: error: hub:tunelab-test/missing: not in the local Hugging Face cache")
 
 
-def test_config_doc_documents_the_new_fields():
-    r = subprocess.run([sys.executable, "-m", "tunelab", "config-doc"], capture_output=True, text=True, timeout=120, env=dict(os.environ))
-    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+def test_config_doc_documents_the_new_fields(capsys):
+    assert main(["config-doc"]) == 0
+    r = capsys.readouterr()
+    rows = {line.split()[0]: line for line in r.out.splitlines() if line.strip()}
     assert "local HF cache" in rows["data.eval.hub"] and "save_to_disk" in rows["data.eval.split"]
     assert "{prompt: question, completion: answer}" in rows["data.eval.columns"] and "hub, split, columns" in rows["data.train"]
     assert ".jinja file" in rows["template"] and "parity" in rows["template"]
