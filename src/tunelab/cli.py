@@ -13,14 +13,20 @@ from .config import ConfigError, describe, load_config
 
 
 def _load(args: argparse.Namespace):
-    return load_config(args.config, args.set or [])
+    return load_config(args.config, (args.set or []) + (["model.allow_pickle=true"] if getattr(args, "allow_pickle", False) else []))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train.guards import Interrupted
     from .train.recipe import train
 
     cfg, applied = _load(args)
-    train(cfg, applied, resume=args.resume)
+    try:
+        train(cfg, applied, resume=args.resume, overwrite=args.overwrite)
+    except Interrupted as e:
+        again = " ".join(["tunelab train", args.config, *[f"--set {s}" for s in args.set or []], "--resume"])
+        print(f"tunelab: {e}; resume with: {again}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
@@ -135,10 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("config", help="YAML config")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+        sp.add_argument("--allow-pickle", action="store_true", help="allow weights/checkpoints that only pickle can read (runs code from the file)")
 
     t = sub.add_parser("train", help="fine-tune per a config")
     with_config(t)
     t.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start afresh in a run dir that holds a run (the old run is moved to <dir>.bak-<time>)")
     t.set_defaults(func=cmd_train)
 
     pv = sub.add_parser("preview", help="show rendered training examples with the trained tokens highlighted")
@@ -188,10 +196,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .data.formats import DataError
     from .data.render import TemplateError
     from .models.load import ModelError
+    from .train.checkpoint import PickleRefused
+    from .train.guards import TrainingStopped
 
     try:
         return args.func(args) or 0
-    except (ConfigError, DataError, TemplateError, ModelError, FileNotFoundError, FileExistsError) as e:
+    except TrainingStopped as e:
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ConfigError, DataError, TemplateError, ModelError, PickleRefused, FileNotFoundError, FileExistsError) as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
 

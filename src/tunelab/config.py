@@ -41,6 +41,7 @@ class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded), a Hugging Face id, a local dir, or a .gguf file.")
     dtype: Literal["auto", "bf16", "fp32"] = _f("auto", "Dtype of the frozen base. auto = bf16 where the hardware runs it fast, else fp32. Trainable parameters are always fp32.")
     trust_remote_code: bool = _f(False, "Run model code from the hub. Off unless you trust the source.")
+    allow_pickle: bool = _f(False, "Load weights or checkpoint state that only pickle can read (.bin/.pt, arbitrary code). Off: safetensors and torch.load(weights_only=True) only; --allow-pickle sets it.")
     attn_implementation: str = _f("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
 
 
@@ -113,6 +114,8 @@ class TrainConfig:
     fused_decoder: bool = _f(True, "Fast path for Llama-family models (llama, mistral, qwen2) with a frozen base (LoRA): decoder layers with a hand-written backward, examples packed without padding (attention stays within each example), q/k/v as one matmul. Same loss and gradients as the transformers forward up to fp32 rounding; other models fall back to it. Needs trained_logits_only.")
     shared_prefix: bool = _f(True, "Fused decoder: a prompt prefix that all examples of a pass start with (e.g. the chat template's default system prompt) is computed once and attended to by each example. Exact (causal attention); only the LoRA dropout masks on those tokens are shared within the pass.")
     padding_free: bool = _f(True, "transformers-forward path (GPUs, and the CPU when the fused decoder is off or unsupported): the examples of a pass are packed into one row without padding, position_ids restarting at each example, and transformers' masking utilities keep attention within each example (sdpa/eager: block-causal mask; flash_attention_2: varlen). A probe checks the model honours this; false: padded batches with an attention mask.")
+    on_nonfinite: Literal["stop", "skip_batch"] = _f("stop", "A non-finite loss or gradient: stop the run (the last good checkpoint is kept; the message names the step and the batch's records), or skip the batch without an update.")
+    max_skipped_batches: int = _f(10, "on_nonfinite: skip_batch stops the run once more batches than this were skipped.")
     kernels: Literal["none", "liger"] = _f("none", "Fused GPU kernels: liger = Liger-Kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy (CUDA only; pip install 'tunelab[liger]').")
     max_tokens_per_pass: Optional[int] = _f(2048, "Split each micro-batch into forward/backward passes of at most this many real tokens (an example longer than that is a pass of its own). Fused decoder activations are ~24 KB per token per layer (fp32), so 2048 tokens of a 30-layer model hold ~1.5 GB; 2048 was as fast as or faster than 1024 in 3 of 4 paired runs on a 2-core CPU (docs/performance.md). Gradients add up to the same step; activation memory stays bounded whatever batch_size and length. null: one pass per micro-batch.")
 
@@ -289,6 +292,8 @@ def _validate(obj: Any, where: str) -> None:
     elif isinstance(obj, TrainConfig):
         if obj.lr is not None and not 0 < obj.lr < 1:
             raise bad("lr", f"must be in (0, 1), got {obj.lr}")
+        if obj.max_skipped_batches < 0:
+            raise bad("max_skipped_batches", f"must be >= 0, got {obj.max_skipped_batches}")
         for k in ("batch_size", "grad_accum", "log_every"):
             if getattr(obj, k) < 1:
                 raise bad(k, f"must be >= 1, got {getattr(obj, k)}")

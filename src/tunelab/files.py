@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 
 def _umask() -> int:
@@ -123,3 +123,17 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def free_space_warning(path: str | os.PathLike, need_bytes: int, what: str) -> Optional[str]:
+    """A one-line warning when the file system holding ``path`` has less than ``need_bytes``
+    free (checked before writing, so a run does not find out hours in); None when it has room."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if free >= need_bytes:
+        return None
+    mb = 1024 * 1024
+    return (f"{p} has {free / mb:.1f} MB free but {what} need about {need_bytes / mb:.1f} MB; "
+            f"free some space or lower train.keep_checkpoints, else a checkpoint write will fail")

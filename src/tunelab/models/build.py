@@ -43,7 +43,8 @@ def build_model(cfg: Config, device: torch.device) -> BuiltModel:
     # Frozen base in the compute dtype; full fine-tuning trains every weight, so it keeps fp32
     # master weights and runs the forward under autocast.
     base_dtype = torch.float32 if cfg.method == "full" else dtype
-    model = load_model(path, base_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation, quantization_config(cfg, dtype))
+    model = load_model(path, base_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation, quantization_config(cfg, dtype),
+                       allow_pickle=cfg.model.allow_pickle)
     if cfg.method == "qlora":
         from .quantize import prepare_quantized_base
 

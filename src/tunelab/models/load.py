@@ -133,10 +133,30 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str = "sdpa", quantization_config: Any = None) -> Any:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_weights(path: str, allow_pickle: bool = False) -> None:
+    """A local model dir whose weights only pickle can read is refused (pickle runs code)."""
+    p = Path(path)
+    if allow_pickle or not p.is_dir() or any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in p.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelError(f"{p}: the weights are pickle files ({', '.join(pickled[:3])}), which can run arbitrary code when loaded; "
+                         f"convert them to safetensors, or pass --allow-pickle (model.allow_pickle: true) if you trust them")
+
+
+def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str = "sdpa", quantization_config: Any = None,
+               allow_pickle: bool = False) -> Any:
+    """``from_pretrained`` with safetensors only (unless ``allow_pickle``) and no remote code
+    (unless ``trust_remote_code``)."""
     from transformers import AutoModelForCausalLM
 
+    refuse_pickle_weights(path, allow_pickle)
     kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if not allow_pickle:
+        kw["use_safetensors"] = True
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     if quantization_config is not None:

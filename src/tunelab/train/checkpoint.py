@@ -60,13 +60,52 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists())
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+ANY_RUN = object()
+
+
+def checkpoint_run_id(path: Path) -> Optional[str]:
+    try:
+        return json.loads((Path(path) / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def latest_checkpoint(ckpt_dir: Path, run_id: Any = ANY_RUN) -> Optional[Path]:
+    """The newest complete checkpoint; with ``run_id``, the newest one that run wrote (a
+    checkpoint of another run in the same folder is never picked). Partial writes live in
+    hidden temp folders until their rename, so they are never listed."""
     cks = list_checkpoints(ckpt_dir)
+    if run_id is not ANY_RUN:
+        cks = [c for c in cks if checkpoint_run_id(c) == run_id]
     return cks[-1] if cks else None
 
 
+def checkpoint_bytes(weights_bytes: int, keep: int) -> int:
+    """Disk a run's checkpoints need: weights + AdamW's two moments, for ``keep`` + 1 at once
+    (the next one is written before the oldest is removed)."""
+    return 3 * weights_bytes * (max(keep, 1) + 1)
+
+
+class PickleRefused(ValueError):
+    """A file that only pickle can read; refused unless the user allows pickle."""
+
+
+def load_pt(path: Path, allow_pickle: bool = False) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only. A file that needs
+    pickle (arbitrary objects, so arbitrary code) is refused unless ``allow_pickle``."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            raise PickleRefused(f"{path}: needs pickle to load ({str(e).splitlines()[0][:120]}); pickle can run arbitrary code. "
+                                f"Refused; pass --allow-pickle only if you trust this file") from None
+        return torch.load(path, weights_only=False)
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    load_optimizer: Optional[Callable[[dict], None]] = None) -> dict:
+                    load_optimizer: Optional[Callable[[dict], None]] = None, allow_pickle: bool = False) -> dict:
     """Restore weights, optimizer, scheduler and RNG; return the loop state. ``load_optimizer``
     replaces ``optimizer.load_state_dict`` (FSDP scatters a full state to the shards)."""
     weights = load_file(str(path / "trainable.safetensors"))
@@ -82,9 +121,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))
-    (load_optimizer or optimizer.load_state_dict)(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    (load_optimizer or optimizer.load_state_dict)(load_pt(path / "optimizer.pt", allow_pickle))
+    scheduler.load_state_dict(load_pt(path / "scheduler.pt", allow_pickle))
+    set_rng_state(load_pt(path / "rng.pt", allow_pickle))
     return json.loads((path / "state.json").read_text())
 
 

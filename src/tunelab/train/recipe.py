@@ -24,6 +24,8 @@ from ..data.render import Renderer
 from ..files import atomic_write_text
 from ..models.build import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_trained
+from .guards import Interrupted, NonFiniteGuard, StopSignals, checkpoint_failed, disk_warning, drop_untrained, grad_norm
+from .rundir import Run, join_run, open_run
 from .distributed import equalize_passes, full_optimizer_state, full_trainable_state, is_fsdp, load_optimizer_state, make_accelerator, run_once
 from .evaluate import autocast_for, loss_sums
 from .loss import CausalLMLoss
@@ -43,6 +45,8 @@ class LoopState:
     best_eval: float = math.inf
     best_step: Optional[int] = None
     bad_evals: int = 0
+    skipped_nonfinite: int = 0  # batches skipped by train.on_nonfinite: skip_batch
+    skipped_empty: int = 0  # passes / steps with no trained token, never averaged in
 
 
 @dataclass
@@ -60,20 +64,35 @@ class TrainResult:
     real_tokens: int = 0  # non-pad tokens fed to the model over the run
 
 
-def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool = False, stop_at_step: Optional[int] = None, console: Optional[Console] = None) -> TrainResult:
+def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool = False, stop_at_step: Optional[int] = None,
+          console: Optional[Console] = None, overwrite: bool = False) -> TrainResult:
     """Fine-tune per ``cfg``. ``stop_at_step`` ends the run early as an interruption would
-    (used by the resume tests); everything else comes from the config."""
+    (used by the resume tests); everything else comes from the config. The run dir is claimed
+    (refused if it holds another run, locked, see rundir.py) for the whole run."""
+    accelerator = make_accelerator()  # one process, or DDP / FSDP under accelerate launch
+    run = open_run(cfg, resume, overwrite) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    run = run or join_run(cfg, resume)
+    signals = StopSignals()
+    try:
+        return _train(cfg, overrides, run, accelerator, signals, stop_at_step, console)
+    finally:
+        signals.restore()
+        run.close()
+
+
+def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accelerator, signals: StopSignals,
+           stop_at_step: Optional[int], console: Optional[Console]) -> TrainResult:
     from accelerate.utils import set_seed
 
     # ---------------------------------------------------------------- setup
-    accelerator = make_accelerator()  # one process, or DDP / FSDP under accelerate launch
     device = accelerator.device
     run_dir = cfg.run_dir
-    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    ckpt = run.checkpoint
     resume_step = int(ckpt.name.split("-")[1]) if ckpt else None
     rep = make_reporter(accelerator.is_main_process, run_dir, console, resume_step, cfg)  # + cfg.report_to trackers
+    for note in run.notes:
+        rep.warn(note)
     rep.info(f"[bold]tunelab train[/bold] {cfg.name} -> {run_dir}  ({accelerator.num_processes} process(es) on {device})")
     if overrides:
         rep.info("overridden: " + ", ".join(overrides))
@@ -99,6 +118,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999))
+    if accelerator.is_main_process and (low := disk_warning(run_dir, trainable, cfg.train.keep_checkpoints)):
+        rep.warn(low)
     stream = MicroBatchStream([len(e) for e in data.train], cfg.train.batch_size, cfg.train.seed, cfg.train.length_grouping)
     ga, world, rank = cfg.train.grad_accum, accelerator.num_processes, accelerator.process_index
     micro_per_step = ga * world  # global micro-batches per optimizer step: the global batch is batch_size x this
@@ -115,7 +136,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
 
     state = LoopState()
     if ckpt is not None:
-        restored = load_checkpoint(ckpt, model, optimizer, scheduler, lambda sd: load_optimizer_state(accelerator, loss_fn, optimizer, sd))
+        restored = load_checkpoint(ckpt, model, optimizer, scheduler, lambda sd: load_optimizer_state(accelerator, loss_fn, optimizer, sd),
+                                   cfg.model.allow_pickle)
         state = LoopState(**{k: v for k, v in restored.items() if k in LoopState.__dataclass_fields__})
         rep.info(f"resumed from {ckpt} at step {state.step}")
     rep.info(f"{len(data.train)} train / {len(data.eval)} eval examples; {steps_per_epoch} steps per epoch; {total_steps} steps; "
@@ -144,8 +166,23 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         rep.info(f"eval loss before training: {base_eval:.4f}")
         rep.metrics(event="eval", step=0, epoch=0.0, lr=scheduler.get_last_lr()[0], eval_loss=base_eval, trained_tokens=0)
 
+    def checkpoint() -> None:
+        weights, opt_state = full_trainable_state(accelerator, loss_fn), full_optimizer_state(accelerator, loss_fn, optimizer)
+        if accelerator.is_main_process:
+            try:
+                save_checkpoint(run_dir / "checkpoints", state.step, weights, opt_state, scheduler, {**state.__dict__, "run_id": run.run_id},
+                                cfg.train.keep_checkpoints)
+            except OSError as e:  # disk full, quota, read-only: the previous checkpoint is untouched
+                rep.close()
+                raise checkpoint_failed(state.step, run_dir / "checkpoints", e, latest_checkpoint(run_dir / "checkpoints", run.run_id)) from None
+        accelerator.wait_for_everyone()
+
+    nonfinite = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_batches)
+    nonfinite.skipped = state.skipped_nonfinite
+
     # ---------------------------------------------------------------- loop
     loss_fn.train()
+    signals.install()  # Ctrl-C / SIGTERM: checkpoint at the next step boundary, then stop
     rep.start(total_steps, state.step)
     t_log, tokens_since_log = time.perf_counter(), 0
     t_loop, eval_seconds = time.perf_counter(), 0.0
@@ -153,13 +190,16 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     while state.step < total_steps:
         # This process's share of the global batch; each micro-batch runs as one or more passes
         # of at most max_tokens_per_pass tokens.
-        batches = [collate(part, pad_id) for mb in stream.for_step(state.micro, ga, rank, world)
-                   for part in split_by_tokens([data.train[i] for i in mb], cfg.train.max_tokens_per_pass)]
+        mbs = stream.for_step(state.micro, ga, rank, world)
+        batches = [collate(part, pad_id) for mb in mbs for part in split_by_tokens([data.train[i] for i in mb], cfg.train.max_tokens_per_pass)]
+        batches, empty = drop_untrained(batches)  # 0 trained tokens: skipped and counted, never 0/0
+        state.skipped_empty += empty
         state.micro += micro_per_step
         # Loss = sum over trained tokens / trained tokens of the whole effective batch, on
         # every process; DDP averages gradients over processes, hence the * world size.
         n_local = torch.tensor(sum(b.n_trained for b in batches), device=device)
-        n_global = accelerator.reduce(n_local.clone(), reduction="sum").clamp(min=1)
+        n_raw = accelerator.reduce(n_local.clone(), reduction="sum")
+        n_global = n_raw.clamp(min=1)
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         passes = equalize_passes(accelerator, batches)  # FSDP: the same number of passes on every process
         for j, (b, weight) in enumerate(passes):
@@ -171,15 +211,24 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
             step_loss += weight * loss_sum.detach().double()
             tokens_since_log += int(weight) * b.n_real
             result.real_tokens += int(weight) * b.n_real
-        if cfg.train.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+        train_loss = (accelerator.reduce(step_loss, reduction="sum") / n_global).item()
+        norm = float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)) if cfg.train.max_grad_norm else grad_norm(trainable)
+        if world > 1:  # every process must take the same decision
+            norm = accelerator.reduce(torch.tensor(norm, device=device), reduction="mean").item()
+        sources = [data.train[i].source for mb in mbs for i in mb]
+        empty_step = int(n_raw.item()) == 0
+        if empty_step or nonfinite.check(state.step + 1, train_loss, norm, sources, lambda: latest_checkpoint(run_dir / "checkpoints", run.run_id), rep.close):
+            optimizer.zero_grad(set_to_none=True)  # no update from this batch (no trained token, or skip_batch)
+            state.skipped_nonfinite = nonfinite.skipped
+            rep.warn(f"step {state.step + 1}: batch skipped ({'no trained token' if empty_step else f'loss {train_loss}, gradient norm {norm}'}); records {', '.join(sources[:4])}")
+            rep.metrics(event="skip", step=state.step + 1, train_loss=train_loss, grad_norm=norm, records=sources[:8])
+            continue
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.trained_tokens += int(n_global)
-        train_loss = (accelerator.reduce(step_loss, reduction="sum") / n_global).item()
         result.losses.append(train_loss)
 
         elapsed = time.perf_counter() - t_log
@@ -207,11 +256,13 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
             t_log += time.perf_counter() - t_eval  # eval time is not training throughput
             eval_seconds += time.perf_counter() - t_eval
             eval_cpu_seconds += time.process_time() - c_eval
-        if state.step % save_every == 0 or stop or state.step == total_steps:
-            weights, opt_state = full_trainable_state(accelerator, loss_fn), full_optimizer_state(accelerator, loss_fn, optimizer)
-            if accelerator.is_main_process:
-                save_checkpoint(run_dir / "checkpoints", state.step, weights, opt_state, scheduler, state.__dict__, cfg.train.keep_checkpoints)
-            accelerator.wait_for_everyone()
+        interrupted = signals.requested(accelerator)
+        if state.step % save_every == 0 or stop or state.step == total_steps or interrupted:
+            checkpoint()
+        if interrupted and state.step < total_steps and not stop:
+            rep.close()
+            raise Interrupted(f"stopped by {signals.name} at step {state.step} of {total_steps}; checkpoint written to "
+                              f"{latest_checkpoint(run_dir / 'checkpoints', run.run_id)}", state.step)
         if stop:
             rep.info(f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evals; "
                      f"best {state.best_eval:.4f} at step {state.best_step}")
@@ -231,6 +282,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     result.best_eval = state.best_eval if math.isfinite(state.best_eval) else None
     mem = peak_memory_bytes(device)
     rep.info(f"done: {state.step} steps; " + (f"best eval loss {result.best_eval:.4f} at step {state.best_step}; " if result.best_eval is not None else "")
+             + (f"{state.skipped_nonfinite} non-finite batches skipped; " if state.skipped_nonfinite else "")
+             + (f"{state.skipped_empty} passes without trained tokens skipped; " if state.skipped_empty else "")
              + f"result in {run_dir / ('model' if cfg.method == 'full' else 'adapter')}; "
              + "; ".join(f"{k} {format_bytes(v)}" for k, v in mem.items()))
     rep.final(steps=state.step, best_eval_loss=result.best_eval, best_step=state.best_step, stopped_early=result.stopped_early,

@@ -55,8 +55,12 @@ class Reporter:
         """On resume, keep the lines up to the checkpoint's step: the rest is replayed."""
         keep = []
         if self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= step:
+            for line in self.metrics_path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill: its step is replayed anyway
+                if isinstance(row, dict) and (row.get("step") or 0) <= step:
                     keep.append(line)
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
