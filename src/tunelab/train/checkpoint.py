@@ -9,6 +9,7 @@ Non-weight state is read back with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -49,7 +50,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
 
     atomic_dir(final, write)
     for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed first: a kill mid-removal leaves a hidden leftover, never a listed half checkpoint
+        doomed = old.with_name(f".{old.name}.old-{os.getpid()}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
