@@ -62,26 +62,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _read_prompts(path: str) -> list[list[dict]]:
-    from .data.formats import DataError, detect_format, read_records, to_conversation
+    from .data.formats import read_prompts
 
-    convs = []
-    for rec in read_records(path):
-        d = rec.data
-        if isinstance(d, dict) and "prompt" in d and "completion" not in d:
-            convs.append([{"role": "user", "content": str(d["prompt"])}])
-            continue
-        fmt = detect_format(set(d)) if isinstance(d, dict) else None
-        if fmt is None:
-            raise DataError(rec.where, f"expected {{prompt}} or a supported record format, keys seen: {sorted(d) if isinstance(d, dict) else d!r}")
-        if fmt == "messages":
-            msgs = [m for m in d["messages"]]
-            while msgs and msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-            convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
-        else:
-            conv = to_conversation(rec, fmt)
-            convs.append([m for m in conv.messages[:-1]])
-    return convs
+    return read_prompts(path)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -232,13 +233,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -339,7 +342,11 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
         if not p.exists():
             raise ConfigError(f"{p}: config file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start}); save the config as UTF-8") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: nested too deeply to read") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             loc = f"{p}:{mark.line + 1}" if mark else str(p)
@@ -353,7 +360,10 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         key, value = item.split("=", 1)
-        _set_path(raw, key.strip(), value)
+        try:
+            _set_path(raw, key.strip(), value)
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it, e.g. --set '{key.strip()}=\"...\"'") from None
         applied.append(f"{key.strip()}={value}")
     try:
         cfg = _build(Config, raw, "")

@@ -9,6 +9,7 @@ not guessed, whenever the user knows).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,12 +98,18 @@ def _json_array_records(path: Path, text: str) -> Iterator[Record]:
         return i
 
     i = skip_ws(i)
-    if i >= n or text[i] != "[":
+    if i >= n:
+        return  # an empty file: no records (load_dataset_file says so)
+    if text[i] != "[":
         # a single object, or {"data": [...]} style wrappers
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data":
+                raise DataError(f"{path}:{e.lineno}", "more than one JSON value: a file of one object per line is JSONL; name it .jsonl") from None
             raise DataError(f"{path}:{e.lineno}", f"invalid JSON ({e.msg} at column {e.colno}); fix the file or convert it to JSONL") from None
+        except RecursionError:
+            raise DataError(f"{path}:1", "JSON nested too deeply to read") from None
         if isinstance(obj, dict):
             for key in ("data", "records", "examples", "train"):
                 if isinstance(obj.get(key), list):
@@ -123,6 +130,8 @@ def _json_array_records(path: Path, text: str) -> Iterator[Record]:
             obj, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}", "JSON nested too deeply to read") from None
         yield Record(obj, str(path), line)
         pos = skip_ws(end)
         if pos < n and text[pos] == ",":
@@ -134,48 +143,87 @@ def _json_array_records(path: Path, text: str) -> Iterator[Record]:
             raise DataError(f"{path}:{ln}", "expected ',' or ']' between records of the JSON array")
 
 
+BOM = b"\xef\xbb\xbf"
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 (a leading BOM dropped); bad bytes are an error naming file:line."""
+    try:
+        return data.removeprefix(BOM).decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = e.start + (len(BOM) if data.startswith(BOM) else 0)
+        line = data.count(b"\n", 0, start) + 1
+        raise DataError(f"{path}:{line}", f"not valid UTF-8 ({e.reason} at byte {start}); re-encode the file as UTF-8") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    with open(path, "rb") as fh:
+        for ln, raw in enumerate(fh, start=1):
+            if ln == 1:
+                raw = raw.removeprefix(BOM)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{ln}", f"not valid UTF-8 ({e.reason} at byte {e.start} of the line); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                hint = ("; the file looks like one JSON array: name it .json" if ln == 1 and line.lstrip().startswith("[")
+                        else "; each line must be one JSON object")
+                raise DataError(f"{path}:{ln}", f"invalid JSON ({e.msg} at column {e.colno}){hint}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{ln}", "JSON nested too deeply to read") from None
+            yield Record(obj, str(path), ln)
+
+
+def _csv_records(path: Path) -> Iterator[Record]:
+    text = _decode(path, path.read_bytes())
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long completions are normal
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    start = 2
+    try:
+        for row in reader:
+            yield Record({k: v for k, v in row.items() if k is not None}, str(path), start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}", f"invalid CSV ({e})") from None
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, ValueError) as e:
+        raise DataError(str(path), f"not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    for i, row in enumerate(rows):
+        yield Record(row, str(path), i + 1)  # parquet has rows, not lines: row number, 1-based
+
+
 def read_records(path: str | Path) -> Iterator[Record]:
-    """Yield the records of a .jsonl, .json, .csv or .parquet file, each with its line."""
+    """Yield the records of a .jsonl, .json, .csv or .parquet file, each with its line.
+
+    Any problem with the file is a :class:`DataError` naming ``file:line``: bad bytes, bad
+    JSON or CSV, nesting too deep, a file that cannot be read. A leading UTF-8 BOM and CRLF
+    line ends are accepted. The records themselves are checked by :func:`to_conversation`.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), "file not found")
     if path.is_dir():
         raise DataError(str(path), "a folder, but not one written by datasets' save_to_disk (no dataset_info.json or dataset_dict.json); point at a file or such a folder")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8", errors="strict") as fh:
-            try:
-                for ln, raw in enumerate(fh, start=1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        obj = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{ln}", f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-                    yield Record(obj, str(path), ln)
-            except UnicodeDecodeError as e:
-                raise DataError(str(path), f"not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
-    elif suffix == ".json":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(str(path), f"not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
-        yield from _json_array_records(path, text)
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            start = 2
-            for row in reader:
-                yield Record({k: v for k, v in row.items() if k is not None}, str(path), start)
-                start = reader.line_num + 1
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        for i, row in enumerate(table.to_pylist()):
-            yield Record(row, str(path), i + 1)  # parquet has rows, not lines: row number, 1-based
-    else:
+    readers = {".jsonl": _jsonl_records, ".ndjson": _jsonl_records, ".json": lambda p: _json_array_records(p, _decode(p, p.read_bytes())),
+               ".csv": _csv_records, ".parquet": _parquet_records}
+    if suffix not in readers:
         raise DataError(str(path), f"unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    try:
+        yield from readers[suffix](path)
+    except OSError as e:
+        raise DataError(str(path), f"cannot read the file ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------- detection
@@ -190,7 +238,10 @@ def detect_format(keys: set[str]) -> Optional[str]:
 
 
 def _unknown_format(rec: Record, fmt: Optional[str] = None) -> DataError:
-    keys = sorted(rec.data) if isinstance(rec.data, dict) else type(rec.data).__name__
+    if not isinstance(rec.data, dict):
+        hint = " (a JSON array where one object per line was expected? a file holding one array is .json)" if isinstance(rec.data, list) else ""
+        return DataError(rec.where, f"expected a JSON object (a record), got {type(rec.data).__name__}{hint}; {FORMAT_HELP}")
+    keys = sorted(map(str, rec.data))
     what = f"record does not match format {fmt!r}" if fmt else "unknown record format"
     hint = suggest_columns(rec.data)
     fix = f"map your columns on the dataset, e.g. `{hint}`" if hint else "map your columns on the dataset (`columns: {prompt: COL, completion: COL}`)"
@@ -203,7 +254,7 @@ def _text(rec: Record, key: str, required: bool = True) -> str:
     v = rec.data.get(key)
     if v is None:
         if required:
-            raise DataError(rec.where, f"missing field {key!r} (keys seen: {sorted(rec.data)})")
+            raise DataError(rec.where, f"missing field {key!r} (keys seen: {sorted(map(str, rec.data))})")
         return ""
     if not isinstance(v, str):
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -220,7 +271,7 @@ def to_conversation(rec: Record, fmt: str, default_task: Optional[str] = None) -
     """Convert one record of a known format to a Conversation; DataError if malformed."""
     d = rec.data
     if not isinstance(d, dict):
-        raise DataError(rec.where, f"expected a JSON object, got {type(d).__name__}")
+        raise _unknown_format(rec, fmt)
     if not any(all(k in d for k in alt) for alt in FORMAT_KEYS[fmt]):
         raise _unknown_format(rec, fmt)
     task = d.get("task") or d.get("category") or default_task
@@ -233,7 +284,10 @@ def to_conversation(rec: Record, fmt: str, default_task: Optional[str] = None) -
     if fmt == "alpaca":
         if d.get("system"):
             msgs.append({"role": "system", "content": _text(rec, "system")})
-        for turn in d.get("history") or []:  # LLaMA-Factory alpaca: [[user, assistant], ...]
+        history = d.get("history") or []
+        if not isinstance(history, list):
+            raise DataError(rec.where, "history must be a list of [user, assistant] pairs")
+        for turn in history:  # LLaMA-Factory alpaca: [[user, assistant], ...]
             if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
                 raise DataError(rec.where, "history must be a list of [user, assistant] pairs")
             msgs += [{"role": "user", "content": str(turn[0])}, {"role": "assistant", "content": str(turn[1])}]
@@ -252,7 +306,7 @@ def to_conversation(rec: Record, fmt: str, default_task: Optional[str] = None) -
         turns = d["conversations"]
         if not isinstance(turns, list) or not turns:
             raise DataError(rec.where, "'conversations' must be a non-empty list of {from, value}")
-        system = d.get("system") or ""
+        system = _text(rec, "system", False)
         tools = d.get("tools")
         if tools:
             tools_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
@@ -269,21 +323,7 @@ def to_conversation(rec: Record, fmt: str, default_task: Optional[str] = None) -
                 raise DataError(rec.where, f"conversations[{j}].value must be a string")
             msgs.append({"role": role, "content": t["value"]})
     elif fmt == "messages":
-        turns = d["messages"]
-        if not isinstance(turns, list) or not turns:
-            raise DataError(rec.where, "'messages' must be a non-empty list of {role, content}")
-        for j, t in enumerate(turns):
-            if not isinstance(t, dict) or "role" not in t:
-                raise DataError(rec.where, f"messages[{j}] must be {{role, content}}")
-            role = t["role"]
-            if role not in ROLES:
-                raise DataError(rec.where, f"messages[{j}]: unknown role {role!r}; use one of {list(ROLES)}")
-            content = t.get("content")
-            if content is None and t.get("tool_calls"):
-                content = json.dumps(t["tool_calls"], ensure_ascii=False)
-            if not isinstance(content, str):
-                raise DataError(rec.where, f"messages[{j}].content must be a string")
-            msgs.append({"role": role, "content": content})
+        msgs += message_list(rec)
     else:
         raise ValueError(f"unknown format {fmt}")
     if not any(m["role"] == "assistant" for m in msgs):
@@ -292,6 +332,49 @@ def to_conversation(rec: Record, fmt: str, default_task: Optional[str] = None) -
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(rec.where, "empty assistant completion; remove the record or fill it in")
     return Conversation(messages=msgs, task=str(task) if task else None, source=rec.where)
+
+
+def message_list(rec: Record) -> list[dict]:
+    """The checked ``messages`` of a messages-format record: [{role, content}], roles known."""
+    turns = rec.data["messages"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(rec.where, "'messages' must be a non-empty list of {role, content}")
+    msgs = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict) or "role" not in t:
+            raise DataError(rec.where, f"messages[{j}] must be {{role, content}}")
+        role = t["role"]
+        if not isinstance(role, str) or role not in ROLES:
+            raise DataError(rec.where, f"messages[{j}]: unknown role {role!r:.80}; use one of {list(ROLES)}")
+        content = t.get("content")
+        if content is None and t.get("tool_calls"):
+            content = json.dumps(t["tool_calls"], ensure_ascii=False)
+        if not isinstance(content, str):
+            raise DataError(rec.where, f"messages[{j}].content must be a string")
+        msgs.append({"role": role, "content": content})
+    return msgs
+
+
+def read_prompts(path: str | Path) -> list[list[dict]]:
+    """Prompts for generation: ``{prompt}`` records, or any supported format with its final
+    assistant turn(s) removed. Errors name file:line like every reader's."""
+    convs = []
+    for rec in read_records(path):
+        d = rec.data
+        if isinstance(d, dict) and "prompt" in d and "completion" not in d:
+            convs.append([{"role": "user", "content": _text(rec, "prompt")}])
+            continue
+        fmt = detect_format(set(map(str, d))) if isinstance(d, dict) else None
+        if fmt is None:
+            raise DataError(rec.where, f"expected {{prompt}} or a supported record format, keys seen: "
+                                       f"{sorted(map(str, d)) if isinstance(d, dict) else type(d).__name__}")
+        msgs = message_list(rec) if fmt == "messages" else to_conversation(rec, fmt).messages
+        while msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise DataError(rec.where, "no prompt: the record holds only assistant turns")
+        convs.append(msgs)
+    return convs
 
 
 @dataclass
@@ -326,7 +409,7 @@ def convert_records(records: Iterable[Record], source: str, fmt: str = "auto", o
                 continue
             rec = Record(mapped, rec.path, rec.line, rec.row)
         if resolved is None:
-            if not isinstance(rec.data, dict) or (found := detect_format(set(rec.data))) is None:
+            if not isinstance(rec.data, dict) or (found := detect_format(set(map(str, rec.data)))) is None:
                 raise _unknown_format(rec)
             resolved = found
         try:
