@@ -44,14 +44,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    """fsync every file under ``root`` and every folder, deepest first."""
+    """fsync every file under ``root`` and every folder, deepest first, and give each the
+    umask's permissions: some writers (safetensors) create their files 0600 whatever the umask."""
+    mask = _umask()
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
             p = os.path.join(dirpath, name)
             if os.path.islink(p):
                 continue
+            os.chmod(p, 0o666 & ~mask)
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(dirpath, 0o777 & ~mask)
         _fsync_dir(Path(dirpath))
 
 
@@ -108,7 +112,6 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         _fsync_tree(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             if old.exists():
