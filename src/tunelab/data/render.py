@@ -246,9 +246,17 @@ class Renderer:
         """The template applied to ``messages``: the one rendering used everywhere."""
         if not messages and not add_generation_prompt:
             return ""
-        return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        import jinja2
+
+        try:  # transformers renders in jinja2's ImmutableSandboxedEnvironment: no Python internals
+            return self.tokenizer.apply_chat_template(
+                list(messages), chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.exceptions.SecurityError as e:
+            raise TemplateError(f"{self.template_name} tried something the sandbox forbids ({e}); it was not run. "
+                                f"Use a built-in template (template: chatml|llama3|...) or a template you trust") from None
+        except jinja2.exceptions.TemplateError as e:
+            raise TemplateError(f"{self.template_name} failed to render: {e}") from None
 
     @property
     def stop_token_ids(self) -> list[int]:
