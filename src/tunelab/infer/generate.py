@@ -43,11 +43,11 @@ def load_for_inference(run_or_model: str, template: Optional[str] = None, device
         dtype = compute_dtype(cfg.model.dtype, device)
         trained = p / ("model" if cfg.method == "full" else "adapter")
         if adapter and cfg.method == "full" and trained.exists():
-            model = load_model(str(trained), dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+            model = load_model(str(trained), dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation, allow_pickle=cfg.model.allow_pickle)
             tok = load_tokenizer(str(trained), cfg.model.trust_remote_code)
         else:
             base = resolve_model_path(cfg.model.name)
-            model = load_model(base, dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation, _qconfig(cfg, dtype))
+            model = load_model(base, dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation, _qconfig(cfg, dtype), allow_pickle=cfg.model.allow_pickle)
             tok = load_tokenizer(base, cfg.model.trust_remote_code)
             if adapter and cfg.method != "full":
                 if not (trained / "adapter_config.json").exists():
