@@ -18,7 +18,7 @@ from tinymodels import write_jsonl
 from tunelab.config import config_from_dict, dump_yaml
 from tunelab.train.checkpoint import latest_checkpoint
 from tunelab.train.recipe import train
-from tunelab.train.rundir import LOCK_FILE, RunDirError, open_run
+from tunelab.train.rundir import LOCK_FILE, RunDirError, config_diff, open_run
 
 
 def _cfg(out: Path, **train_kw):
@@ -72,6 +72,9 @@ def test_resume_refuses_a_changed_config_with_a_diff(tmp_path):
     assert "lora.rank: 16 -> 8" in msg and "train.lr: None -> 0.001" in msg
     assert "train.max_steps" not in msg.split("\n", 1)[1]  # not in the diff (it may change)
     assert not (run / LOCK_FILE).exists()  # the refusal released the lock
+    # grad_accum may follow the number of processes when the global batch stays the same
+    assert "grad_accum" not in "".join(config_diff(dump_yaml(_cfg(run, grad_accum=2)), _cfg(run, grad_accum=4), saved_world=2, world=1))
+    assert "train.grad_accum: 2 -> 4" in "".join(config_diff(dump_yaml(_cfg(run, grad_accum=2)), _cfg(run, grad_accum=4)))
     # the keys that may change: steps and cadence
     ok = open_run(_cfg(run, max_steps=40, eval_every=5, save_every=5), resume=True)
     ok.close()

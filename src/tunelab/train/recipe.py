@@ -70,7 +70,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     (used by the resume tests); everything else comes from the config. The run dir is claimed
     (refused if it holds another run, locked, see rundir.py) for the whole run."""
     accelerator = make_accelerator()  # one process, or DDP / FSDP under accelerate launch
-    run = open_run(cfg, resume, overwrite) if accelerator.is_main_process else None
+    run = open_run(cfg, resume, overwrite, accelerator.num_processes) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     run = run or join_run(cfg, resume)
     signals = StopSignals()

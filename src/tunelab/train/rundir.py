@@ -132,11 +132,16 @@ def holds_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
 
 
-def read_run_id(run_dir: Path) -> Optional[str]:
+def read_run_file(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / RUN_FILE).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None  # a run from before run ids: its checkpoints carry none either
+        data = json.loads((run_dir / RUN_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # a run from before run ids: its checkpoints carry none either
+
+
+def read_run_id(run_dir: Path) -> Optional[str]:
+    return read_run_file(run_dir).get("run_id")
 
 
 def backup_path(run_dir: Path) -> Path:
@@ -158,13 +163,17 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def config_diff(saved_yaml: str, cfg: Config) -> list[str]:
-    """``key: saved -> current`` for every key that differs outside RESUME_MAY_CHANGE."""
+def config_diff(saved_yaml: str, cfg: Config, saved_world: int = 1, world: int = 1) -> list[str]:
+    """``key: saved -> current`` for every key that differs outside RESUME_MAY_CHANGE.
+    ``train.grad_accum`` may change with the number of processes when the global batch
+    (grad_accum x processes) stays the same: resuming on another number of GPUs."""
     saved = _flat(yaml.safe_load(saved_yaml) or {})
     now = _flat(yaml.safe_load(dump_yaml(cfg)))
     lines = []
     for k in sorted(set(saved) | set(now)):
         if k in RESUME_MAY_CHANGE or saved.get(k) == now.get(k):
+            continue
+        if k == "train.grad_accum" and isinstance(saved.get(k), int) and saved[k] * saved_world == now[k] * world:
             continue
         lines.append(f"  {k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}")
     return lines
@@ -183,7 +192,7 @@ def remove_leftovers(run_dir: Path) -> list[str]:
     return gone
 
 
-def open_run(cfg: Config, resume: bool = False, overwrite: bool = False) -> Run:
+def open_run(cfg: Config, resume: bool = False, overwrite: bool = False, world: int = 1) -> Run:
     """Claim ``cfg.run_dir`` for a new run, or for resuming the run in it (main process only)."""
     run_dir = cfg.run_dir
     if resume and overwrite:
@@ -206,7 +215,7 @@ def open_run(cfg: Config, resume: bool = False, overwrite: bool = False) -> Run:
             notes.append(f"--overwrite: the previous run was moved to {backup}")
         lock = RunLock.acquire(run_dir, notes)
         run_id = uuid.uuid4().hex[:12]
-        atomic_write_json(run_dir / RUN_FILE, {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        atomic_write_json(run_dir / RUN_FILE, {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world})
         return Run(run_dir, run_id, None, backup, notes, lock)
 
     if not holds_run(run_dir):
@@ -214,9 +223,10 @@ def open_run(cfg: Config, resume: bool = False, overwrite: bool = False) -> Run:
                                 f"start it without --resume")
     lock = RunLock.acquire(run_dir, notes)
     try:
-        saved = run_dir / "config.yaml"
+        saved, info = run_dir / "config.yaml", read_run_file(run_dir)
         if saved.exists():
-            diff = config_diff(saved.read_text(encoding="utf-8", errors="replace"), cfg)
+            saved_world = info.get("world_size") if isinstance(info.get("world_size"), int) else 1
+            diff = config_diff(saved.read_text(encoding="utf-8", errors="replace"), cfg, saved_world, world)
             if diff:
                 raise RunDirError(
                     f"--resume: the config differs from the one {run_dir} was started with (only "
@@ -225,7 +235,9 @@ def open_run(cfg: Config, resume: bool = False, overwrite: bool = False) -> Run:
         left = remove_leftovers(run_dir)
         if left:
             notes.append(f"removed {len(left)} partial write(s) of an interrupted run: {', '.join(sorted(left)[:3])}")
-        run_id = read_run_id(run_dir)
+        run_id = info.get("run_id")
+        if info and info.get("world_size") != world:
+            atomic_write_json(run_dir / RUN_FILE, {**info, "world_size": world})
         ckpt = latest_checkpoint(run_dir / "checkpoints", run_id)
         if ckpt is None:
             notes.append(f"--resume: no complete checkpoint of this run in {run_dir / 'checkpoints'} yet; starting from step 0")
