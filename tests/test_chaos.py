@@ -59,7 +59,7 @@ def _plan(rng: random.Random) -> list[tuple[str, int]]:
     rng.shuffle(kinds)
     plan = []
     for kind in kinds:
-        n = {"ckpt": rng.randint(1, 2), "rotate": 1, "metrics": rng.randint(1, 2), "time": rng.randint(1, 2),
+        n = {"ckpt": rng.randint(1, 2), "rotate": 1, "metrics": rng.randint(1, 2), "time": 1,
              "forward": rng.randint(2, 6), "step": rng.randint(1, 2)}[kind]
         plan.append((kind, n))
     return plan + [("adapter", 1)]
@@ -80,12 +80,15 @@ class ForkServer:
         self.proc.stdin.write(json.dumps({"argv": argv, "kill": spec, "log": str(log)}) + "\n")
         self.proc.stdin.flush()
         pid = json.loads(self.proc.stdout.readline())["pid"]
-        if kill[0] == "time":  # kill from outside at a random moment after the kill[1]-th step line
-            deadline = time.monotonic() + 120
-            while len(re.findall(r"^\s*step \d+", log.read_text(errors="replace"), re.M)) < kill[1]:
+        if kill[0] == "time":  # kill from outside at a random moment of the step after the kill[1]-th step line
+            deadline, seen = time.monotonic() + 120, []
+            while len(seen) < kill[1] + 1:
+                n = len(re.findall(r"^\s*step \d+", log.read_text(errors="replace"), re.M))
+                seen += [time.monotonic()] * (n - len(seen))
                 assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.15))
+                time.sleep(0.002)
+            step_time = seen[-1] - seen[-2]  # (a step at least: the lines are polled)
+            time.sleep(rng.uniform(0.0, step_time))
             os.kill(pid, signal.SIGKILL)
         status = json.loads(self.proc.stdout.readline())["status"]
         rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
