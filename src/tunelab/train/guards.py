@@ -66,6 +66,22 @@ class NonFiniteGuard:
         self.policy, self.max_skips = policy, max_skips
         self.skipped = 0
 
+    def skip_step(self, accelerator: Any, params: Sequence[torch.nn.Parameter], max_grad_norm: Optional[float], step: int, loss: float,
+                  n_trained: int, sources: Sequence[str], last_checkpoint: Callable[[], Any], rep: Any) -> bool:
+        """Clip the gradients (``max_grad_norm``) and decide on the step: True = skip it without
+        an update (no trained token in the whole batch, or a non-finite loss or gradient under
+        skip_batch, logged as ``event: skip``); raises NonFiniteError to stop the run."""
+        norm = float(accelerator.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else grad_norm(params)
+        if accelerator.num_processes > 1:  # every process must take the same decision
+            norm = accelerator.reduce(torch.tensor(norm, device=accelerator.device), reduction="mean").item()
+        empty = n_trained == 0
+        if not empty and not self.check(step, loss, norm, sources, last_checkpoint, rep.close):
+            return False
+        why = "no trained token" if empty else f"loss {loss}, gradient norm {norm}"
+        rep.warn(f"step {step}: batch skipped ({why}); records {', '.join(sources[:4])}")
+        rep.metrics(event="skip", step=step, train_loss=loss, grad_norm=norm, records=list(sources[:8]))
+        return True
+
     def check(self, step: int, loss: float, norm: float, sources: Sequence[str], last_checkpoint: Callable[[], Any],
               before_stop: Callable[[], None] = lambda: None) -> bool:
         """True: skip this batch (no optimizer step). Raises NonFiniteError to stop the run."""

@@ -24,7 +24,7 @@ from ..data.render import Renderer
 from ..files import atomic_write_text
 from ..models.build import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_trained
-from .guards import Interrupted, NonFiniteGuard, StopSignals, checkpoint_failed, disk_warning, drop_untrained, grad_norm
+from .guards import Interrupted, NonFiniteGuard, StopSignals, checkpoint_failed, disk_warning, drop_untrained
 from .rundir import Run, join_run, open_run
 from .distributed import equalize_passes, full_optimizer_state, full_trainable_state, is_fsdp, load_optimizer_state, make_accelerator, run_once
 from .evaluate import autocast_for, loss_sums
@@ -212,16 +212,11 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
             tokens_since_log += int(weight) * b.n_real
             result.real_tokens += int(weight) * b.n_real
         train_loss = (accelerator.reduce(step_loss, reduction="sum") / n_global).item()
-        norm = float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)) if cfg.train.max_grad_norm else grad_norm(trainable)
-        if world > 1:  # every process must take the same decision
-            norm = accelerator.reduce(torch.tensor(norm, device=device), reduction="mean").item()
-        sources = [data.train[i].source for mb in mbs for i in mb]
-        empty_step = int(n_raw.item()) == 0
-        if empty_step or nonfinite.check(state.step + 1, train_loss, norm, sources, lambda: latest_checkpoint(run_dir / "checkpoints", run.run_id), rep.close):
-            optimizer.zero_grad(set_to_none=True)  # no update from this batch (no trained token, or skip_batch)
+        # clips the gradients; no trained token, or a non-finite loss/gradient: skip or stop (guards.py)
+        if nonfinite.skip_step(accelerator, trainable, cfg.train.max_grad_norm, state.step + 1, train_loss, int(n_raw.item()),
+                               [data.train[i].source for mb in mbs for i in mb], lambda: latest_checkpoint(run_dir / "checkpoints", run.run_id), rep):
+            optimizer.zero_grad(set_to_none=True)  # no update from this batch
             state.skipped_nonfinite = nonfinite.skipped
-            rep.warn(f"step {state.step + 1}: batch skipped ({'no trained token' if empty_step else f'loss {train_loss}, gradient norm {norm}'}); records {', '.join(sources[:4])}")
-            rep.metrics(event="skip", step=state.step + 1, train_loss=train_loss, grad_norm=norm, records=sources[:8])
             continue
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
