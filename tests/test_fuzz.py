@@ -147,7 +147,7 @@ def test_named_damage_gets_a_precise_message(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + b'{"text": "bom"}\r\n{"text": "crlf"}\r\n')
     assert [c.text for c in load_dataset_file(p).conversations] == ["bom", "crlf"]
     p.write_bytes(b"")
-    with pytest.raises(DataError, match=r"a\.jsonl: the file holds no records"):
+    with pytest.raises(DataError, match=r"a\.jsonl: the (file|dataset) holds no records"):
         load_dataset_file(p)
     j = tmp_path / "b.json"
     j.write_bytes(b'[\n{"text": "a"},\n{"text": "\xc3("}\n]')
