@@ -255,8 +255,7 @@ class Renderer:
         except jinja2.exceptions.SecurityError as e:
             raise TemplateError(f"{self.template_name} tried something the sandbox forbids ({e}); it was not run. "
                                 f"Use a built-in template (template: chatml|llama3|...) or a template you trust") from None
-        except jinja2.exceptions.TemplateError as e:
-            raise TemplateError(f"{self.template_name} failed to render: {e}") from None
+
 
     @property
     def stop_token_ids(self) -> list[int]:
