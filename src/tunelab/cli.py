@@ -130,6 +130,7 @@ def cmd_config_doc(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Supervised fine-tuning (LoRA, QLoRA, full) with correct defaults.")
+    p.add_argument("--version", action="version", version=f"tunelab {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -177,23 +178,57 @@ def build_parser() -> argparse.ArgumentParser:
     cd.set_defaults(func=cmd_config_doc)
 
     add_audit_parser(sub)
+    for parser in (p, *sub.choices.values()):  # before or after the verb
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="show the libraries' progress bars and warnings")
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "accelerate", "peft", "httpx", "huggingface_hub", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tunelab")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _ordinary_errors() -> tuple[type, ...]:
+    """The exceptions that are a user's mistake: one line, exit 2, no traceback."""
     from .data.formats import DataError
     from .data.render import TemplateError
     from .models.load import ModelError
+    from .models.quantize import QuantizationBackendError
 
+    return (ConfigError, DataError, TemplateError, ModelError, QuantizationBackendError, FileNotFoundError, FileExistsError)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run a verb. Ordinary mistakes: ``tunelab: error: ...`` on stderr, exit 2 (``--debug``:
+    with the traceback); Ctrl-C: one line, exit 130."""
+    import traceback
+
+    debug = False
     try:
-        return args.func(args) or 0
-    except (ConfigError, DataError, TemplateError, ModelError, FileNotFoundError, FileExistsError) as e:
-        print(f"tunelab: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        debug = getattr(args, "debug", False)
+        from .console import quiet_libraries
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        quiet_libraries(verbose=getattr(args, "verbose", False))
+        try:
+            return args.func(args) or 0
+        except _ordinary_errors() as e:
+            if debug:
+                traceback.print_exc()
+            print(f"tunelab: error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("\ntunelab: interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
