@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import DataConfig
-from ..data.formats import DataError
+from ..data.formats import DataError, not_a_file_message
 from . import artifacts, balance, dedup, lengths, neardup, schema
 from .findings import Tally
 from .normalize import build_views
@@ -98,8 +98,8 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
     if not sources:
         raise DataError("audit", "no data files to audit; give DATA paths or --config with data.train")
     for s in sources:
-        if not Path(s.path).exists():
-            raise DataError(s.path, "file not found")
+        if not Path(s.path).is_file():
+            raise DataError(s.path, not_a_file_message(Path(s.path)))
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
