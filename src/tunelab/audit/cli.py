@@ -91,6 +91,12 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+def _fail(msg: str) -> int:
+    """A usage error: one unwrapped line on stderr, exit code 2 (as every tunelab verb)."""
+    print(f"tunelab: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def run_audit_command(args: argparse.Namespace, console: Any = None) -> int:
     """Run ``tunelab audit``; return the exit code (0 pass, 1 error findings, 2 usage error)."""
     from rich.console import Console
@@ -104,22 +110,19 @@ def run_audit_command(args: argparse.Namespace, console: Any = None) -> int:
     # With --json -, stdout carries only the JSON document.
     console = console or (err if args.json == "-" else Console())
     if (msg := _validate(args)) is not None:
-        err.print(f"tunelab audit: error: {msg}")
-        return 2
+        return _fail(msg)
     cfg = None
     try:
         if args.config:
             cfg, _ = load_config(args.config, args.set or [])
         elif args.set:
-            err.print("tunelab audit: error: --set needs --config")
-            return 2
+            return _fail("--set needs --config")
         if args.data:
             data = [DataSource(p, "train", args.format) for p in args.data]
         elif cfg is not None:
             data = list(cfg.data.train)
         else:
-            err.print("tunelab audit: error: give DATA files or --config with data.train")
-            return 2
+            return _fail("give DATA files or --config with data.train")
         if args.eval:
             evals = [DataSource(p, "eval", args.format) for p in args.eval]
         elif cfg is not None and cfg.data.eval is not None:
@@ -144,8 +147,7 @@ def run_audit_command(args: argparse.Namespace, console: Any = None) -> int:
             fix = write_fixed(report, args.fix, args.balance, opts.seed, args.balance_ratio)
             report.sections["fix"] = fix.to_dict()
     except (ConfigError, DataError, FileExistsError) as e:
-        err.print(f"tunelab audit: error: {e}")
-        return 2
+        return _fail(str(e))
     if args.json == "-":
         sys.stdout.write(report.to_json() + "\n")
     else:
