@@ -431,6 +431,22 @@ def to_dict(cfg: Any) -> Any:
     return dataclasses.asdict(cfg)
 
 
+def resolved_config(cfg: Config, *, dtype: Optional[str] = None, eval_every: Optional[int] = None,
+                    save_every: Optional[int] = None) -> Config:
+    """``cfg`` with every derived default written in (lr, lora.alpha, early_stopping.enabled,
+    eval_batch_size, and what the run derived: the compute ``dtype``, ``eval_every``,
+    ``save_every``), so that the saved ``runs/NAME/config.yaml`` reruns as is. A new object."""
+    t = cfg.train
+    train = dataclasses.replace(
+        t, lr=cfg.lr, eval_batch_size=t.eval_batch_size or t.batch_size,
+        eval_every=t.eval_every or eval_every, save_every=t.save_every or save_every,
+        early_stopping=dataclasses.replace(t.early_stopping, enabled=cfg.early_stopping_on),
+    )
+    model = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)
+    return dataclasses.replace(cfg, model=model, train=train,
+                               lora=dataclasses.replace(cfg.lora, alpha=cfg.lora_alpha))
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

@@ -66,6 +66,7 @@ def build_options(args: argparse.Namespace, cfg: Any = None) -> Any:
         near_dups=not args.no_near_dups,
         imbalance_threshold=args.imbalance_threshold,
         max_seq_len=args.max_seq_len if args.max_seq_len is not None else (d.max_seq_len if d is not None else 1024),
+        truncation=d.truncation if d is not None else DataConfig.truncation,
         length_sample=args.length_sample or None,
         sample=args.sample,
         spot_check_path=args.spot_check if args.sample > 0 else None,

@@ -173,6 +173,7 @@ class EncodeStats:
     completion_truncated: int = 0  # kept, but lost some completion tokens
     dropped_no_completion: int = 0  # would lose every completion token: never trained
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> sources
+    lengths: list[int] = field(default_factory=list)  # full token length of every trainable example, before any cut
 
     def note(self, reason: str, source: str) -> None:
         self.examples.setdefault(reason, [])
@@ -356,6 +357,7 @@ class Renderer:
                 stats.dropped_no_completion += 1
                 stats.note("no trained tokens", conv.source)
                 continue
+            stats.lengths.append(len(ids))
             if max_seq_len is not None and len(ids) > max_seq_len:
                 ex = self._fit(ex, max_seq_len, truncation, stats)
                 if ex is None:
