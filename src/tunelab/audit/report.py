@@ -118,7 +118,7 @@ class AuditReport:
         t = L["total"]
         line = f"lengths ({L['unit']}): total p50 {t['p50']}, p95 {t['p95']}, max {t['max']}"
         if L.get("max_seq_len"):
-            line += f"; {L['over_max_seq_len']} over max_seq_len={L['max_seq_len']} " + _over_words(L)
+            line += f"; {L['over_max_seq_len']} over max_seq_len={L['max_seq_len']}" + (" " + _over_words(L) if L["over_max_seq_len"] else "")
         return line
 
     def _dups_line(self) -> str:
@@ -204,7 +204,7 @@ class AuditReport:
                 lt.add_row(part, *[str(L[part].get(k, "")) for k in keys])
             parts.append(lt)
             if L.get("max_seq_len"):
-                parts.append(Text(f"max_seq_len {L['max_seq_len']}: {L['over_max_seq_len']} records over " + _over_words(L)))
+                parts.append(Text(f"max_seq_len {L['max_seq_len']}: {L['over_max_seq_len']} records over" + (" " + _over_words(L) if L["over_max_seq_len"] else "")))
             if L.get("note"):
                 parts.append(Text(L["note"], style="yellow"))
 

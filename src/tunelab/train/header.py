@@ -93,7 +93,7 @@ def summary_lines(cfg: Config, result: Any, artifacts: dict[str, Optional[Path]]
              + ("; stopped early" if result.stopped_early else "")]
     for name, path in artifacts.items():
         if path is not None and Path(path).exists():
-            lines.append(f"  {name:<11}{path}")
+            lines.append(f"  {name:<12}{path}")
     lines += ["next:",
               f"  tunelab generate {run} --prompt \"...\"     # or --file prompts.jsonl",
               f"  tunelab chat {run}"]

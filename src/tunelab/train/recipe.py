@@ -144,7 +144,6 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         total_steps = state.step
     if data.eval and cfg.early_stopping_on and state.step == 0:
         base_eval = evaluate()
-        rep.info(f"eval loss before training: {base_eval:.4f}")
         rep.metrics(event="eval", step=0, epoch=0.0, lr=scheduler.get_last_lr()[0], eval_loss=base_eval, trained_tokens=0)
 
     # ---------------------------------------------------------------- loop

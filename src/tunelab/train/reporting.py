@@ -78,7 +78,9 @@ class Reporter:
         self.console.print(msg, markup=False, highlight=False, soft_wrap=True)
 
     def warn(self, msg: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {msg}")
+        from rich.text import Text
+
+        self.console.print(Text.assemble(("warning: ", "yellow"), msg), soft_wrap=True)
 
     def table(self, title: str, rows: list[tuple], headers: tuple[str, ...]) -> None:
         t = Table(title=title, title_justify="left")
@@ -115,8 +117,8 @@ class Reporter:
             fh.write(json.dumps(row) + "\n")
         if self.trackers:
             self.trackers.log(row)
-        if not self.console.is_terminal and row.get("event") in ("train", "eval"):
-            # No live bar (CI, pipes): one plain line per logged event.
+        if row.get("event") == "eval" or (not self.console.is_terminal and row.get("event") == "train"):
+            # No live bar (CI, pipes): one plain line per logged event; evals always (the bar shows no eval).
             self.console.print(self.plain_line(row), highlight=False, markup=False, soft_wrap=True)
 
     def plain_line(self, row: dict) -> str:
