@@ -99,26 +99,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .infer.generate import generate, load_for_inference
+    from .infer.chat import run_chat
+    from .infer.generate import load_for_inference
 
-    loaded = load_for_inference(args.run, args.template)
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("tunelab chat: empty line or Ctrl-D to quit, /reset to clear the history")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            break
-        if not line:
-            break
-        if line == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        history.append({"role": "user", "content": line})
-        reply = generate(loaded, [history], args.max_new_tokens, args.temperature, args.top_p)[0]
-        print(f"assistant> {reply}")
-        history.append({"role": "assistant", "content": reply})
+    run_chat(load_for_inference(args.run, args.template), args.system, args.max_new_tokens, args.temperature, args.top_p)
     return 0
 
 
