@@ -245,7 +245,8 @@ class AuditReport:
         parts.append(t if self.findings else Text("no findings", style="green"))
         sc = self.sections.get("spot_check")
         if sc and sc.get("path"):
-            parts.append(Text(f"spot check: {sc['records']} records written to {sc['path']} (mark each one before training)"))
+            parts.append(Text(f"spot check: {sc['records']} records written to {sc['path']} (mark each one ok/fix/drop, "
+                              "export the marks, then: tunelab audit DATA --apply-review spotcheck-marks.csv --fix OUT; docs/audit.md)"))
         parts.append(Text(self._verdict(), style="bold red" if self.has_errors else "bold green"))
         return Group(*parts)
 
