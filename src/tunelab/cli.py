@@ -9,7 +9,7 @@ import sys
 from typing import Optional
 
 from .audit.cli import add_audit_parser
-from .config import ConfigError, describe, load_config
+from .config import ConfigError, describe_full, load_config
 
 
 def _load(args: argparse.Namespace):
@@ -107,8 +107,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_config_doc(args: argparse.Namespace) -> int:
-    for key, default, doc in describe():
+    print(f"{'key':36} {'default':24} meaning\n{'':61}allowed values")
+    for key, default, doc, allowed in describe_full():
         print(f"{key:36} {default:24} {doc}")
+        if allowed:
+            print(f"{'':61}allowed: {allowed}")
+    print("A dataset entry (data.train[], data.eval) may also be written as a bare path: data.train: [a.jsonl, b.csv].")
     return 0
 
 

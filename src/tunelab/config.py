@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class DatasetEntry:
-    path: str = _f(None, "File (.jsonl, .json, .csv, .parquet) or a folder written by datasets' save_to_disk.")
+    path: str = _f(None, "A local file (.jsonl, .json, .csv, .parquet) or a folder written by datasets' save_to_disk; a relative path is taken from the config file's folder. Give path or hub.")
     hub: Optional[str] = _f(None, "A Hugging Face dataset id read from the local HF cache (HF_HOME), never downloaded: e.g. tatsu-lab/alpaca. Give path or hub.")
     split: Optional[str] = _f(None, "Split of a save_to_disk folder or hub dataset (default: the only split, else train).")
     columns: Optional[dict[str, str]] = _f(None, "Column mapping {format key: your column}, applied before format detection: {prompt: question, completion: answer}, {messages: dialog}, {instruction: q, input: ctx, output: a}.")
@@ -451,17 +451,52 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def allowed_values(tp: Any) -> str:
+    """The values a field accepts, for ``config-doc``: ``cosine | linear | ...``, ``true | false``,
+    ``integer``, ``number``, ``null`` when optional; '' for free text."""
+    inner, optional = _strip_optional(tp)
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        parts = [str(c) for c in typing.get_args(inner)]
+    elif inner is bool:
+        parts = ["true", "false"]
+    elif inner is int:
+        parts = ["integer"]
+    elif inner is float:
+        parts = ["number"]
+    elif origin in (Union, types.UnionType):
+        parts = [allowed_values(a) or "text" for a in typing.get_args(inner)]
+    elif origin is list:
+        (item,) = typing.get_args(inner)
+        parts = [f"list of {allowed_values(item) or ('entries' if dataclasses.is_dataclass(item) else 'text')}"]
+    else:
+        parts = []
+    if parts and optional:
+        parts.append("null")
+    return " | ".join(parts)
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) rows for every field, for docs and ``tunelab config-doc``."""
+    """(key, default, doc) rows for every field, for docs and ``tunelab config-doc``; the fields
+    of a list's entries (``data.train``) appear as ``data.train[].path`` etc."""
+    return [(k, d, doc) for k, d, doc, _ in describe_full(cls, prefix)]
+
+
+def describe_full(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, default, doc, allowed values) rows for every field (see :func:`describe`)."""
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+        hint = hints[f.name]
         inner, _ = _strip_optional(hint)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(inner):
-            rows.append((key, "", f.metadata.get("doc", "")))
-            rows.extend(describe(inner, key + "."))
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
-            rows.append((key, repr(default), f.metadata.get("doc", "")))
+            rows.append((key, "", f.metadata.get("doc", ""), "a mapping" + (" | null" if _strip_optional(hint)[1] else "")))
+            rows.extend(describe_full(inner, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip() if not isinstance(default, str) else repr(default)
+        rows.append((key, shown, f.metadata.get("doc", ""), allowed_values(hint)))
+        if typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+            rows.extend(describe_full(typing.get_args(inner)[0], key + "[]."))
     return rows
