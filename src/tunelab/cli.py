@@ -17,19 +17,19 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg, applied = _load(args)  # config errors first, before the heavy imports
     from .train.recipe import train
 
-    cfg, applied = _load(args)
     train(cfg, applied, resume=args.resume)
     return 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    cfg, _ = _load(args)  # config errors first, before the heavy imports
     from .data.render import Renderer
     from .models.load import load_tokenizer, resolve_model_path
     from .preview import preview
 
-    cfg, _ = _load(args)
     tok = load_tokenizer(resolve_model_path(cfg.model.name), cfg.model.trust_remote_code)
     preview(cfg, Renderer.from_config(tok, cfg), args.n, args.json)
     return 0

@@ -435,7 +435,8 @@ def resolved_config(cfg: Config, *, dtype: Optional[str] = None, eval_every: Opt
                     save_every: Optional[int] = None) -> Config:
     """``cfg`` with every derived default written in (lr, lora.alpha, early_stopping.enabled,
     eval_batch_size, and what the run derived: the compute ``dtype``, ``eval_every``,
-    ``save_every``), so that the saved ``runs/NAME/config.yaml`` reruns as is. A new object."""
+    ``save_every``) and dataset paths made absolute, so that the saved ``runs/NAME/config.yaml``
+    reruns as is, from any folder. A new object."""
     t = cfg.train
     train = dataclasses.replace(
         t, lr=cfg.lr, eval_batch_size=t.eval_batch_size or t.batch_size,
@@ -443,7 +444,12 @@ def resolved_config(cfg: Config, *, dtype: Optional[str] = None, eval_every: Opt
         early_stopping=dataclasses.replace(t.early_stopping, enabled=cfg.early_stopping_on),
     )
     model = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)
-    return dataclasses.replace(cfg, model=model, train=train,
+
+    def absolute(e: Optional[DatasetEntry]) -> Optional[DatasetEntry]:  # the saved config works from any folder
+        return None if e is None else dataclasses.replace(e, path=os.path.abspath(e.path))
+
+    data = dataclasses.replace(cfg.data, train=[absolute(e) for e in cfg.data.train], eval=absolute(cfg.data.eval))
+    return dataclasses.replace(cfg, model=model, train=train, data=data,
                                lora=dataclasses.replace(cfg.lora, alpha=cfg.lora_alpha))
 
 

@@ -35,7 +35,9 @@ def preview(cfg: Config, renderer: Renderer, n: int = 3, as_json: bool = False, 
         status = seg["status"]
         mark = {"kept": "", "truncated": f"  TRUNCATED from {seg['n_tokens_full']} to max_seq_len {d.max_seq_len} ({d.truncation})",
                 "dropped": f"  DROPPED: {seg['n_tokens_full']} tokens > max_seq_len {d.max_seq_len} (truncation: {d.truncation}); not trained"}[status]
-        console.rule(Text(f"{conv.source}  tokens {seg['n_tokens']}  trained {seg['n_trained']}") + Text(mark, style=STATUS_STYLE[status]))
+        console.rule(f"{conv.source}  tokens {seg['n_tokens']}  trained {seg['n_trained']}", style="")
+        if mark:
+            console.print(Text(mark.strip(), style=STATUS_STYLE[status]), soft_wrap=True)
         console.print(t)
     if not as_json:
         console.print(f"[dim]template: {renderer.template_name}[/dim]", highlight=False, soft_wrap=True)
