@@ -215,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print("\ntunelab: interrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        print("\ntunelab: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
 
 
