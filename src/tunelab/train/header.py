@@ -45,7 +45,7 @@ def header_lines(cfg: Config, built: Any, data: Any, plan: Plan, overrides: list
     """(lines, warnings) of the run header: model, method, data, hyperparameters, overrides."""
     n_params = sum(p.numel() for p in built.model.parameters())
     arch = getattr(getattr(built.model, "config", None), "model_type", "?")
-    base = "fp32 (full fine-tuning: fp32 master weights)" if cfg.method == "full" else DTYPE.get(built.compute_dtype, str(built.compute_dtype))
+    base = {"full": "fp32 (full fine-tuning: fp32 master weights)", "qlora": "NF4 4-bit"}.get(cfg.method, DTYPE.get(built.compute_dtype, str(built.compute_dtype)))
     lines = [f"model     {cfg.model.name}  ({arch}, {n_params / 1e6:.1f}M params; frozen base {base}, compute {DTYPE.get(built.compute_dtype)}"
              f"{', model.dtype auto' if cfg.model.dtype == 'auto' else ''})"]
     if cfg.method in ("lora", "qlora"):
