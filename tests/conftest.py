@@ -3,7 +3,7 @@
 Compute dtype. ``model.dtype: auto`` is bf16 on a CPU with avx512_bf16 or AMX and fp32
 elsewhere, so a test whose numbers depend on the dtype must not rely on ``auto``: it takes
 the ``compute_dtype_name`` fixture, puts it in its config (``model.dtype``) and derives its
-tolerance from it (``dtype_tolerance``). Such tests are marked ``dtype_sensitive``
+tolerance from it (``tinymodels.dtype_tolerance``). Such tests are marked ``dtype_sensitive``
 automatically. ``TUNELAB_TEST_DTYPE=bf16|fp32`` sets that fixture, and also forces what
 ``auto`` resolves to in-process (bf16 is emulated on AVX2-only CPUs: slow, but exact for
 tiny models); unset, the fixture is fp32 and ``auto`` is the hardware's choice. ``.ci/run``
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tinymodels import make_learnable_llama, make_tiny_llama, write_jsonl  # noqa: F401
+from tinymodels import dtype_tolerance, make_learnable_llama, make_tiny_llama, write_jsonl  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -29,16 +29,6 @@ torch.set_num_threads(1)
 TEST_DTYPE = os.environ.get("TUNELAB_TEST_DTYPE") or None
 if TEST_DTYPE not in (None, "bf16", "fp32"):
     raise pytest.UsageError(f"TUNELAB_TEST_DTYPE={TEST_DTYPE!r}: use bf16 or fp32")
-
-# Unit roundoff of each compute dtype: tolerances are multiples of it, so a bf16 run is held to
-# bf16 precision and an fp32 run to fp32 precision (never the other way round).
-UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8}
-
-
-def dtype_tolerance(name: str, ulps: float) -> float:
-    """``ulps`` units of roundoff of compute dtype ``name`` (relative)."""
-    return ulps * UNIT_ROUNDOFF[name]
-
 
 def pytest_collection_modifyitems(config, items):
     for item in items:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import io
 
 import torch
-from conftest import dtype_tolerance
 from rich.console import Console
 
-from tinymodels import write_jsonl
+from tinymodels import dtype_tolerance, write_jsonl
 from tunelab.config import config_from_dict
 from tunelab.models.merge import merge_run
 from tunelab.train.recipe import train
