@@ -77,7 +77,7 @@ def test_train_console_header_truncation_resolved_config_and_summary(tmp_path, t
     assert re.search(r"^method +lora +rank 4, alpha 8 \(2 x rank\)", out, re.M), out
     assert re.search(r"^data +train 36 of 40 records kept \(4 dropped\) from train\.jsonl \(alpaca\)", out, re.M), out
     assert re.search(r"^ +eval 4 of 4 records kept from eval\.jsonl", out, re.M), out
-    assert re.search(r"^train +lr 0\.001, cosine, .*effective batch 4 = 4 x 1 accumulation x 1 process", out, re.M), out
+    assert re.search(r"^train +lr 0\.001, cosine, .*effective batch 4 \(4 x 1 accumulation x 1 process\(es\)\)", out, re.M), out
     assert "3 steps" in out and "early stopping on (patience 3)" in out
     assert re.search(r"^overridden train\.lr=1e-3$", out, re.M), out
     assert "trainable fp32" in out and "frozen fp32" in out  # the parameter table, labelled by precision

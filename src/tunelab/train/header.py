@@ -74,7 +74,7 @@ def header_lines(cfg: Config, built: Any, data: Any, plan: Plan, overrides: list
     bs = t.batch_size * plan.micro_per_step
     epochs = plan.total_steps / max(plan.steps_per_epoch, 1)
     lines.append(f"train     lr {cfg.lr:g}{'' if t.lr is not None else ' (default)'}, {t.schedule}, warmup {t.warmup:g} "
-                 f"({math.ceil(t.warmup * plan.total_steps)} steps); effective batch {bs} = {t.batch_size} x {t.grad_accum} accumulation x {plan.world} process(es)")
+                 f"({math.ceil(t.warmup * plan.total_steps)} steps); effective batch {bs} ({t.batch_size} x {t.grad_accum} accumulation x {plan.world} process(es))")
     stop = (f"early stopping on (patience {t.early_stopping.patience}), best adapter kept" if cfg.early_stopping_on
             else "early stopping off")
     lines.append(f"          {plan.total_steps} steps ({epochs:.2f} epochs of {plan.steps_per_epoch} steps); "
