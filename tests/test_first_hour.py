@@ -234,11 +234,11 @@ def test_dataset_that_is_not_a_file(tmp_path):
     (tmp_path / "hub.yaml").write_text("data:\n  train: [tatsu-lab/alpaca]\n")
     line = one_error_line(cli("preview", "hub.yaml", "--set", "model.name=smollm2-135m-instruct", cwd=tmp_path))
     assert "tatsu-lab/alpaca: not a file; it looks like a Hugging Face dataset id" in line
-    assert ".jsonl, .json, .csv or .parquet" in line and "load_dataset('tatsu-lab/alpaca'" in line
+    assert ".jsonl, .json, .csv or .parquet" in line and "write the entry as {hub: tatsu-lab/alpaca}" in line
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "a.jsonl").write_text("")
     line = one_error_line(cli("audit", "folder", "--no-tokenizer", cwd=tmp_path))
-    assert "folder: is a folder" in line and "a.jsonl" in line
+    assert "folder: a folder, but not one written by datasets' save_to_disk" in line and "a.jsonl" in line
 
 
 def test_version():

@@ -38,7 +38,7 @@ def truncation_summaries(cfg: Config, data: Any) -> list[tuple[str, TruncationSu
 
 def _files(cfg: Config, data: Any, split: str) -> str:
     entries = cfg.data.train if split == "train" else [cfg.data.eval] if cfg.data.eval is not None else []
-    return ", ".join(f"{Path(e.path).name} ({data.formats.get(e.path, e.format)})" for e in entries)
+    return ", ".join(f"{Path(e.path).name if e.path else e.source} ({data.formats.get(e.source, e.format)})" for e in entries)
 
 
 def header_lines(cfg: Config, built: Any, data: Any, plan: Plan, overrides: list[str]) -> tuple[list[str], list[str]]:

@@ -104,7 +104,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         rep.line(line)
     for w in warnings:
         rep.warn(w)
-    rep.table("", *memory_report(model))
+    rep.table("parameters", *memory_report(model))
     if accelerator.is_main_process:  # the resolved config: derived values filled in, reruns as is
         atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved_config(
             cfg, dtype=DTYPE_NAME.get(built.compute_dtype), eval_every=eval_every, save_every=save_every)))
