@@ -151,7 +151,7 @@ def worker_tunelab(args: argparse.Namespace, plan: dict, system: str) -> dict:
         log = io.StringIO()
         res = train(cfg, console=Console(file=log, width=200))
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    path = next((line for line in log.getvalue().splitlines() if line.startswith("fast path:")), "")
+    path = next((line.strip() for line in log.getvalue().splitlines() if line.strip().startswith("fast path:")), "")
     trained = [r["trained_tokens"] for r in rows if r.get("event") == "train"]
     return {"train_seconds": res.train_seconds, "losses": res.losses, "peak_memory": _peak_memory(), "path": path,
             "trained_per_step": [b - a for a, b in zip([0] + trained, trained)]}

@@ -35,8 +35,8 @@ PHRASINGS = [
 INSTRUCTION = "Write the order ticket for this message."
 
 
-def example(rng: random.Random) -> dict:
-    q, c, i, city = rng.randint(1, 12), rng.choice(COLORS), rng.choice(ITEMS), rng.choice(CITIES)
+def example(rng: random.Random, items: list[str], cities: list[str]) -> dict:
+    q, c, i, city = rng.randint(1, 12), rng.choice(COLORS), rng.choice(items), rng.choice(cities)
     text = rng.choice(PHRASINGS).format(q=q, c=c, i=i, city=city)
     answer = f"TICKET item={i} color={c} qty={q} city={city}"
     return {"messages": [{"role": "user", "content": f"{INSTRUCTION}\n\n{text}"}, {"role": "assistant", "content": answer}]}
@@ -46,16 +46,26 @@ def main(out: str) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1234)
+    # Eval and the prompts use items and cities that train never sees, so that every eval record
+    # differs from every train record in at least two slots: one that differed only in quantity
+    # or colour would be a near-duplicate, i.e. train/eval leakage (docs/practices.md#data-dedup),
+    # and eval loss would overstate generalization. It also measures what SFT should teach: the
+    # format, applied to values the model was not trained on.
+    eval_items, eval_cities = set(rng.sample(ITEMS, 4)), set(rng.sample(CITIES, 4))
+    pools = {"train": ([i for i in ITEMS if i not in eval_items], [c for c in CITIES if c not in eval_cities]),
+             "eval": (sorted(eval_items), sorted(eval_cities))}
     seen: set[str] = set()
-    rows = []
-    while len(rows) < 400:  # unique prompts: no duplicates for the model to memorise
-        ex = example(rng)
-        key = ex["messages"][0]["content"]
-        if key not in seen:
-            seen.add(key)
-            rows.append(ex)
-    files = {"train.jsonl": rows[:320], "eval.jsonl": rows[320:397],
-             "prompts.jsonl": [{"prompt": r["messages"][0]["content"]} for r in rows[397:]]}
+    split: dict[str, list[dict]] = {"train": [], "eval": []}
+    for part, want in (("train", 320), ("eval", 80)):
+        while len(split[part]) < want:  # unique prompts: no duplicates for the model to memorise
+            ex = example(rng, *pools[part])
+            key = ex["messages"][0]["content"]
+            if key not in seen:
+                seen.add(key)
+                split[part].append(ex)
+    rows = split["eval"]
+    files = {"train.jsonl": split["train"], "eval.jsonl": rows[:77],
+             "prompts.jsonl": [{"prompt": r["messages"][0]["content"]} for r in rows[77:]]}
     for name, data in files.items():
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in data))

@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE))
 from make_quickstart_data import main as make_data  # noqa: E402
 
 from tunelab.config import load_config  # noqa: E402
+from tunelab.console import quiet_libraries  # noqa: E402
 from tunelab.infer.generate import generate, load_for_inference  # noqa: E402
 from tunelab.train.recipe import train  # noqa: E402
 
@@ -25,7 +26,9 @@ from tunelab.train.recipe import train  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show the libraries' progress bars and warnings")
     args = ap.parse_args()
+    quiet_libraries(args.verbose)  # as the tunelab command does
     t0 = time.perf_counter()
     make_data(str(HERE / "data"))
     cfg, applied = load_config(HERE / "quickstart.yaml", args.set)

@@ -22,6 +22,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 LAYERS = {
     "files": 0,
     "kernels": 0,
+    "console": 0,
+    "config_errors": 0,
     "config": 1,
     "data": 2,
     "models": 3,

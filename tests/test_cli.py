@@ -21,7 +21,7 @@ def test_preview_json(tmp_path, tiny_model_dir, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert len(lines) == 2
     for row in lines:
-        assert set(row) == {"segments", "n_tokens", "n_trained"}
+        assert set(row) == {"segments", "n_tokens", "n_trained", "n_tokens_full", "status", "source"} and row["status"] == "kept"
         trained = [s["text"] for s in row["segments"] if s["trained"]]
         assert len(trained) == 1 and trained[0].endswith("!<|im_end|>")
         assert row["n_trained"] < row["n_tokens"]

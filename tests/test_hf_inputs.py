@@ -190,5 +190,5 @@ def test_training_on_a_saved_dataset_with_mapping(tmp_path, tiny_model_dir):
     result = train(cfg, console=Console(file=out, width=300))
     log = out.getvalue()
     assert result.steps == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
-    assert f"{{'{tmp_path / 'qa'}': 'flan'}}" in log  # the data line names the dataset and its format
+    assert "from qa (flan)" in log  # the header's data line names the dataset and its format
     assert "data audit skips" in log and "not audited yet" in log

@@ -243,7 +243,7 @@ def test_qlora_training_reduces_loss_and_reports(qlora_run):
     first, last = result.losses[0], sum(result.losses[-3:]) / 3
     assert last < first - 1.0, result.losses
     # start of run: parameters by kind with bytes; NF4 vs unquantized eval loss with the delta
-    assert "frozen quantized" in out and "trainable" in out and "frozen full precision" in out
+    assert "frozen NF4 4-bit" in out and "trainable fp32" in out and "frozen fp32" in out
     assert "quantization cost" in out and "NF4" in out and "delta" in out
     cost = json.loads((result.run_dir / "quantization_cost.json").read_text())
     assert math.isfinite(cost["eval_loss_nf4"]) and math.isfinite(cost["eval_loss_unquantized"])

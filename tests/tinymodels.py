@@ -65,3 +65,13 @@ def make_small_bpe_tokenizer(out: Path):
                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
     tok.save_pretrained(out)
     return tok
+
+
+# Unit roundoff of each compute dtype: a dtype-sensitive test's tolerance is a multiple of it, so
+# a bf16 run is held to bf16 precision and an fp32 run to fp32 precision (tests/conftest.py).
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8}
+
+
+def dtype_tolerance(name: str, ulps: float) -> float:
+    """``ulps`` units of roundoff of compute dtype ``name`` (relative)."""
+    return ulps * UNIT_ROUNDOFF[name]

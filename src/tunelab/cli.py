@@ -9,7 +9,7 @@ import sys
 from typing import Optional
 
 from .audit.cli import add_audit_parser
-from .config import ConfigError, describe, load_config
+from .config import ConfigError, describe_full, load_config
 
 
 def _load(args: argparse.Namespace):
@@ -17,25 +17,32 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.guards import Interrupted
+    cfg, applied = _load(args)  # config errors first, before the heavy imports
+    from .train.guards import Interrupted, TrainingStopped
     from .train.recipe import train
 
-    cfg, applied = _load(args)
     try:
         train(cfg, applied, resume=args.resume, overwrite=args.overwrite)
     except Interrupted as e:
         again = " ".join(["tunelab train", args.config, *[f"--set {s}" for s in args.set or []], "--resume"])
         print(f"tunelab: {e}; resume with: {again}", file=sys.stderr)
         return e.exit_code
+    except TrainingStopped as e:
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    cfg, _ = _load(args)  # config errors first, before the heavy imports
     from .data.render import Renderer
     from .models.load import load_tokenizer, resolve_model_path
     from .preview import preview
 
-    cfg, _ = _load(args)
     tok = load_tokenizer(resolve_model_path(cfg.model.name), cfg.model.trust_remote_code)
     preview(cfg, Renderer.from_config(tok, cfg), args.n, args.json)
     return 0
@@ -88,37 +95,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .infer.generate import generate, load_for_inference
+    from .infer.chat import run_chat
+    from .infer.generate import load_for_inference
 
-    loaded = load_for_inference(args.run, args.template)
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("tunelab chat: empty line or Ctrl-D to quit, /reset to clear the history")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            break
-        if not line:
-            break
-        if line == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        history.append({"role": "user", "content": line})
-        reply = generate(loaded, [history], args.max_new_tokens, args.temperature, args.top_p)[0]
-        print(f"assistant> {reply}")
-        history.append({"role": "assistant", "content": reply})
+    run_chat(load_for_inference(args.run, args.template), args.system, args.max_new_tokens, args.temperature, args.top_p)
     return 0
 
 
 def cmd_config_doc(args: argparse.Namespace) -> int:
-    for key, default, doc in describe():
+    print(f"{'key':36} {'default':24} meaning\n{'':61}allowed values")
+    for key, default, doc, allowed in describe_full():
         print(f"{key:36} {default:24} {doc}")
+        if allowed:
+            print(f"{'':61}allowed: {allowed}")
+    print("A dataset entry (data.train[], data.eval) may also be written as a bare path: data.train: [a.jsonl, b.csv].")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Supervised fine-tuning (LoRA, QLoRA, full) with correct defaults.")
+    p.add_argument("--version", action="version", version=f"tunelab {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -168,28 +164,58 @@ def build_parser() -> argparse.ArgumentParser:
     cd.set_defaults(func=cmd_config_doc)
 
     add_audit_parser(sub)
+    for parser in (p, *sub.choices.values()):  # before or after the verb
+        parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="show the libraries' progress bars and warnings")
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "accelerate", "peft", "httpx", "huggingface_hub", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tunelab")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _ordinary_errors() -> tuple[type, ...]:
+    """The exceptions that are a user's mistake: one line, exit 2, no traceback."""
     from .data.formats import DataError
     from .data.render import TemplateError
     from .models.load import ModelError
+    from .models.quantize import QuantizationBackendError
     from .train.checkpoint import PickleRefused
-    from .train.guards import TrainingStopped
 
+    return (ConfigError, DataError, TemplateError, ModelError, QuantizationBackendError, PickleRefused, FileNotFoundError, FileExistsError)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run a verb. Ordinary mistakes: ``tunelab: error: ...`` on stderr, exit 2 (``--debug``:
+    with the traceback); Ctrl-C: one line, exit 130."""
+    import traceback
+
+    debug = False
     try:
-        return args.func(args) or 0
-    except TrainingStopped as e:
-        print(f"tunelab: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ConfigError, DataError, TemplateError, ModelError, PickleRefused, FileNotFoundError, FileExistsError) as e:
-        print(f"tunelab: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        debug = getattr(args, "debug", False)
+        from .console import quiet_libraries
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        quiet_libraries(verbose=getattr(args, "verbose", False))
+        try:
+            return args.func(args) or 0
+        except _ordinary_errors() as e:
+            if debug:
+                traceback.print_exc()
+            print(f"tunelab: error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("\ntunelab: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .config_errors import ConfigError, format_errors, locator, suggest_key, yaml_key_lines
 
-class ConfigError(ValueError):
-    """A config problem the user must fix; the message says where and how."""
+__all__ = ["ConfigError"]  # re-exported: callers import it from here
 
 
 def _f(default: Any = dataclasses.MISSING, doc: str = "", factory: Any = dataclasses.MISSING):
@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class DatasetEntry:
-    path: str = _f(None, "File (.jsonl, .json, .csv, .parquet) or a folder written by datasets' save_to_disk.")
+    path: str = _f(None, "A local file (.jsonl, .json, .csv, .parquet) or a folder written by datasets' save_to_disk; a relative path is taken from the config file's folder. Give path or hub.")
     hub: Optional[str] = _f(None, "A Hugging Face dataset id read from the local HF cache (HF_HOME), never downloaded: e.g. tatsu-lab/alpaca. Give path or hub.")
     split: Optional[str] = _f(None, "Split of a save_to_disk folder or hub dataset (default: the only split, else train).")
     columns: Optional[dict[str, str]] = _f(None, "Column mapping {format key: your column}, applied before format detection: {prompt: question, completion: answer}, {messages: dialog}, {instruction: q, input: ctx, output: a}.")
@@ -171,24 +171,28 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _err(where: str, msg: str) -> ConfigError:
+    return ConfigError(f"{where}: {msg}", [(where, f"{where}: {msg}")])
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check and convert ``value`` to type ``tp``; raise ConfigError naming ``where``."""
     tp, optional = _strip_optional(tp)
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{where}: null is not allowed here")
+        raise _err(where, f"null is not allowed here")
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str) and tp is DatasetEntry:
             value = {"path": value}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+            raise _err(where, f"expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
         return _build(tp, value, where)
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise _err(where, f"expected a mapping, got {value!r}")
         return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -196,7 +200,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = "on" if value else "off"  # YAML 1.1 reads a bare `off` as false
         if value not in choices:
             hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+            raise _err(where, f"{value!r} is not one of {list(choices)}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
         return value
     if origin in (Union, types.UnionType):
         errors = []
@@ -205,21 +209,29 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, alt, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} fits none of the allowed forms ({'; '.join(errors)})")
+        raise _err(where, f"{value!r} fits none of the allowed forms ({'; '.join(errors)})")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+            raise _err(where, f"expected a list, got {value!r}")
+        items, errors = [], []
+        for i, v in enumerate(value):
+            try:
+                items.append(_coerce(v, item_tp, f"{where}[{i}]"))
+            except ConfigError as e:
+                errors.extend(e.errors)
+        if errors:
+            raise ConfigError("\n".join(m for _, m in errors), errors)
+        return items
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.lower() in ("true", "yes", "on", "1")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise _err(where, f"expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise _err(where, f"expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -229,10 +241,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise _err(where, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise _err(where, f"expected a number, got {value!r}")
         if isinstance(value, str):
             try:
                 value = float(value)
@@ -240,78 +252,102 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, (int, float)):
             if not math.isfinite(value):
-                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+                raise _err(where, f"expected a finite number, got {value!r}")
             return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise _err(where, f"expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise _err(where, f"expected a string, got {value!r}")
         return str(value)
     return value
 
 
+def _leaves(cls: type = None, prefix: str = "") -> dict[str, list[str]]:
+    """Every key name of the config tree -> its dotted paths (for did-you-mean across sections)."""
+    cls = cls or Config
+    out: dict[str, list[str]] = {}
+    for f in dataclasses.fields(cls):
+        inner, _ = _strip_optional(typing.get_type_hints(cls)[f.name])
+        out.setdefault(f.name, []).append(prefix + f.name)
+        if dataclasses.is_dataclass(inner):
+            for k, v in _leaves(inner, prefix + f.name + ".").items():
+                out.setdefault(k, []).extend(v)
+    return out
+
+
 def _build(cls: type, data: dict, where: str) -> Any:
+    """Build ``cls`` from ``data``; raise one ConfigError listing every problem found."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    errors: list[tuple[str, str]] = []
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            raise ConfigError(
-                f"unknown config key {path!r}" + (f"; did you mean {(where + '.' if where else '') + hint[0]!r}?" if hint else "")
-                + f" (valid keys here: {', '.join(fields)})"
-            )
-        kwargs[key] = _coerce(value, hints[key], path)
+            hint = suggest_key(str(key), where, fields, _leaves())
+            errors.append((path, f"unknown config key {path!r}; "
+                           + (hint if hint else f"valid keys here: {', '.join(fields)}")))
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key], path)
+        except ConfigError as e:
+            errors.extend(e.errors)
     obj = cls(**kwargs)
-    _validate(obj, where)
+    errors.extend(_validate(obj, where))
+    if errors:
+        raise ConfigError("\n".join(m for _, m in errors), errors)
     return obj
 
 
-def _validate(obj: Any, where: str) -> None:
-    def bad(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{where + '.' if where else ''}{key}: {msg}")
+def _validate(obj: Any, where: str) -> list[tuple[str, str]]:
+    """Every out-of-range value of ``obj`` as (key path, message)."""
+    errors: list[tuple[str, str]] = []
+
+    def bad(key: str, msg: str) -> None:
+        path = f"{where + '.' if where else ''}{key}"
+        errors.append((path, f"{path}: {msg}"))
 
     if isinstance(obj, DatasetEntry):
         if bool(obj.path) == bool(obj.hub):
-            raise bad("path", "every dataset needs a path (file or save_to_disk folder) or a hub id, not both")
+            bad("path", "every dataset needs a path (file or save_to_disk folder) or a hub id, not both")
         if obj.weight <= 0:
-            raise bad("weight", f"must be > 0, got {obj.weight}")
+            bad("weight", f"must be > 0, got {obj.weight}")
     elif isinstance(obj, DataConfig):
         if not 0.0 <= obj.eval_fraction < 1.0:
-            raise bad("eval_fraction", f"must be in [0, 1), got {obj.eval_fraction}")
+            bad("eval_fraction", f"must be in [0, 1), got {obj.eval_fraction}")
         if obj.max_seq_len < 8:
-            raise bad("max_seq_len", f"must be >= 8, got {obj.max_seq_len}")
+            bad("max_seq_len", f"must be >= 8, got {obj.max_seq_len}")
     elif isinstance(obj, LoraConfig):
         if obj.rank < 1:
-            raise bad("rank", f"must be >= 1, got {obj.rank}")
+            bad("rank", f"must be >= 1, got {obj.rank}")
         if not 0.0 <= obj.dropout < 1.0:
-            raise bad("dropout", f"must be in [0, 1), got {obj.dropout}")
+            bad("dropout", f"must be in [0, 1), got {obj.dropout}")
         if isinstance(obj.targets, str) and obj.targets not in ("qv", "attention", "all-linear"):
-            raise bad("targets", f"{obj.targets!r}: use qv, attention, all-linear or a list of module names")
+            bad("targets", f"{obj.targets!r}: use qv, attention, all-linear or a list of module names")
         if isinstance(obj.layers, str) and obj.layers != "all":
             if not (obj.layers.startswith("top:") and obj.layers[4:].isdigit() and int(obj.layers[4:]) > 0):
-                raise bad("layers", f"{obj.layers!r}: use all, top:N or a list of layer indices")
+                bad("layers", f"{obj.layers!r}: use all, top:N or a list of layer indices")
     elif isinstance(obj, TrainConfig):
         if obj.lr is not None and not 0 < obj.lr < 1:
-            raise bad("lr", f"must be in (0, 1), got {obj.lr}")
+            bad("lr", f"must be in (0, 1), got {obj.lr}")
         if obj.max_skipped_batches < 0:
-            raise bad("max_skipped_batches", f"must be >= 0, got {obj.max_skipped_batches}")
+            bad("max_skipped_batches", f"must be >= 0, got {obj.max_skipped_batches}")
         for k in ("batch_size", "grad_accum", "log_every"):
             if getattr(obj, k) < 1:
-                raise bad(k, f"must be >= 1, got {getattr(obj, k)}")
+                bad(k, f"must be >= 1, got {getattr(obj, k)}")
         if obj.max_steps is not None and obj.max_steps < 1:
-            raise bad("max_steps", f"must be >= 1, got {obj.max_steps}")
+            bad("max_steps", f"must be >= 1, got {obj.max_steps}")
         if obj.max_steps is None and obj.epochs <= 0:
-            raise bad("epochs", f"must be > 0, got {obj.epochs}")
+            bad("epochs", f"must be > 0, got {obj.epochs}")
         if not 0 <= obj.warmup < 1:
-            raise bad("warmup", f"a fraction of the total steps in [0, 1), got {obj.warmup}")
+            bad("warmup", f"a fraction of the total steps in [0, 1), got {obj.warmup}")
         if not 0 <= obj.min_lr_ratio <= 1:
-            raise bad("min_lr_ratio", f"must be in [0, 1], got {obj.min_lr_ratio}")
+            bad("min_lr_ratio", f"must be in [0, 1], got {obj.min_lr_ratio}")
         for k in ("eval_every", "save_every", "eval_batch_size"):
             v = getattr(obj, k)
             if v is not None and v < 1:
-                raise bad(k, f"must be >= 1, got {v}")
+                bad(k, f"must be >= 1, got {v}")
+    return errors
 
 
 # --------------------------------------------------------------------------- public API
@@ -337,14 +373,19 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
     """
     raw: dict = {}
     base = Path.cwd()
+    source, lines = "config", {}
     if path is not None:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"{p}: config file not found")
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder; give the YAML config file")
         try:
-            raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+            text = p.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start}); save the config as UTF-8") from None
+        try:
+            raw = yaml.safe_load(text) or {}
         except RecursionError:
             raise ConfigError(f"{p}: nested too deeply to read") from None
         except yaml.YAMLError as e:
@@ -355,20 +396,24 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
             raise ConfigError(f"{p}: the top level must be a mapping of keys")
         raw.setdefault("name", p.stem)
         base = p.resolve().parent
+        source, lines = str(p), yaml_key_lines(text)
     applied = []
+    set_args: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         key, value = item.split("=", 1)
+        key = key.strip()
         try:
-            _set_path(raw, key.strip(), value)
+            _set_path(raw, key, value)
         except (yaml.YAMLError, RecursionError) as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it, e.g. --set '{key.strip()}=\"...\"'") from None
-        applied.append(f"{key.strip()}={value}")
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote it, e.g. --set '{key}=\"...\"'") from None
+        applied.append(f"{key}={value}")
+        set_args[key] = item
     try:
         cfg = _build(Config, raw, "")
     except ConfigError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        raise ConfigError(format_errors(e.errors, locator(source, lines, set_args), source), e.errors) from None
     cfg = _resolve_paths(cfg, base)
     return cfg, applied
 
@@ -399,21 +444,78 @@ def to_dict(cfg: Any) -> Any:
     return dataclasses.asdict(cfg)
 
 
+def resolved_config(cfg: Config, *, dtype: Optional[str] = None, eval_every: Optional[int] = None,
+                    save_every: Optional[int] = None) -> Config:
+    """``cfg`` with every derived default written in (lr, lora.alpha, early_stopping.enabled,
+    eval_batch_size, and what the run derived: the compute ``dtype``, ``eval_every``,
+    ``save_every``) and dataset paths made absolute, so that the saved ``runs/NAME/config.yaml``
+    reruns as is, from any folder. A new object."""
+    t = cfg.train
+    train = dataclasses.replace(
+        t, lr=cfg.lr, eval_batch_size=t.eval_batch_size or t.batch_size,
+        eval_every=t.eval_every or eval_every, save_every=t.save_every or save_every,
+        early_stopping=dataclasses.replace(t.early_stopping, enabled=cfg.early_stopping_on),
+    )
+    model = dataclasses.replace(cfg.model, dtype=dtype or cfg.model.dtype)
+
+    def absolute(e: Optional[DatasetEntry]) -> Optional[DatasetEntry]:  # the saved config works from any folder
+        return None if e is None or not e.path else dataclasses.replace(e, path=os.path.abspath(e.path))
+
+    data = dataclasses.replace(cfg.data, train=[absolute(e) for e in cfg.data.train], eval=absolute(cfg.data.eval))
+    return dataclasses.replace(cfg, model=model, train=train, data=data,
+                               lora=dataclasses.replace(cfg.lora, alpha=cfg.lora_alpha))
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def allowed_values(tp: Any) -> str:
+    """The values a field accepts, for ``config-doc``: ``cosine | linear | ...``, ``true | false``,
+    ``integer``, ``number``, ``null`` when optional; '' for free text."""
+    inner, optional = _strip_optional(tp)
+    origin = typing.get_origin(inner)
+    if origin is Literal:
+        parts = [str(c) for c in typing.get_args(inner)]
+    elif inner is bool:
+        parts = ["true", "false"]
+    elif inner is int:
+        parts = ["integer"]
+    elif inner is float:
+        parts = ["number"]
+    elif origin in (Union, types.UnionType):
+        parts = [allowed_values(a) or "text" for a in typing.get_args(inner)]
+    elif origin is list:
+        (item,) = typing.get_args(inner)
+        parts = [f"list of {allowed_values(item) or ('entries' if dataclasses.is_dataclass(item) else 'text')}"]
+    else:
+        parts = []
+    if parts and optional:
+        parts.append("null")
+    return " | ".join(parts)
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) rows for every field, for docs and ``tunelab config-doc``."""
+    """(key, default, doc) rows for every field, for docs and ``tunelab config-doc``; the fields
+    of a list's entries (``data.train``) appear as ``data.train[].path`` etc."""
+    return [(k, d, doc) for k, d, doc, _ in describe_full(cls, prefix)]
+
+
+def describe_full(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, default, doc, allowed values) rows for every field (see :func:`describe`)."""
     rows = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+        hint = hints[f.name]
         inner, _ = _strip_optional(hint)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(inner):
-            rows.append((key, "", f.metadata.get("doc", "")))
-            rows.extend(describe(inner, key + "."))
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
-            rows.append((key, repr(default), f.metadata.get("doc", "")))
+            rows.append((key, "", f.metadata.get("doc", ""), "a mapping" + (" | null" if _strip_optional(hint)[1] else "")))
+            rows.extend(describe_full(inner, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip() if not isinstance(default, str) else repr(default)
+        rows.append((key, shown, f.metadata.get("doc", ""), allowed_values(hint)))
+        if typing.get_origin(inner) is list and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+            rows.extend(describe_full(typing.get_args(inner)[0], key + "[]."))
     return rows

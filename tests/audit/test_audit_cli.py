@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 
 import yaml
@@ -74,5 +76,7 @@ def test_spot_check_file_by_default(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     f = write_jsonl(tmp_path / "ok.jsonl", [alpaca(f"Question {k}?", f"Answer {k}.") for k in range(3)])
     assert run_audit_command(cli_args(str(f), "--no-tokenizer", "--quiet")) == 0
-    assert (tmp_path / "audit-spotcheck.html").exists()
-    assert "spot check" not in capsys.readouterr().err
+    sc = tmp_path / "runs" / "audit-ok" / "audit-spotcheck.html"  # never the working directory itself
+    assert sc.exists() and not (tmp_path / "audit-spotcheck.html").exists()
+    out = capsys.readouterr()
+    assert "spot check" not in out.err and str(Path("runs") / "audit-ok" / "audit-spotcheck.html") in out.out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from ..config import DataConfig
@@ -33,10 +34,13 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="record format of DATA files (default: detected per file)")
     a.add_argument("--json", metavar="OUT", help="write the machine-readable report (schema: docs/audit.md); '-' for stdout")
     a.add_argument("--sample", type=int, default=100, metavar="N", help="records in the spot check (default 100; 0 = none)")
-    a.add_argument("--spot-check", default=DEFAULT_SPOT_CHECK, metavar="PATH",
-                   help=f"spot-check file, .html or .md (default {DEFAULT_SPOT_CHECK})")
+    a.add_argument("--spot-check", default=None, metavar="PATH",
+                   help=f"spot-check file, .html or .md (default: {DEFAULT_SPOT_CHECK} next to the --json report, "
+                        f"else in the config's run dir, else in runs/audit-<first data file>/)")
     a.add_argument("--seed", type=int, default=None, help="seed of the spot-check sample and --balance (default: train.seed of the config, else 0)")
     a.add_argument("--fix", metavar="OUT", help="write a cleaned copy (JSONL of the original records): a .jsonl file, or a folder with one file per input")
+    a.add_argument("--apply-review", metavar="MARKS.csv",
+                   help="with --fix: apply the reviewer's marks exported from the spot-check page (drop: left out; fix: left out and written to OUT.to-fix.jsonl)")
     a.add_argument("--balance", choices=("cap", "upsample"), help="with --fix: cap majority classes, or upsample minority ones")
     a.add_argument("--balance-ratio", type=float, default=1.0, help="with --balance: the max/min class ratio to reach (default 1)")
     a.add_argument("--near-dup-threshold", type=float, default=0.8, help="Jaccard threshold of near-duplicates (default 0.8)")
@@ -55,6 +59,19 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     return a
 
 
+def spot_check_path(args: argparse.Namespace, cfg: Any = None) -> Path:
+    """Where the spot check goes: --spot-check; next to the --json report; the config's run
+    dir; else runs/audit-<stem of the first data file>/ (never the working directory itself)."""
+    if args.spot_check:
+        return Path(args.spot_check)
+    if args.json and args.json != "-":
+        return Path(args.json).parent / DEFAULT_SPOT_CHECK
+    if cfg is not None:
+        return cfg.run_dir / DEFAULT_SPOT_CHECK
+    first = Path(args.data[0]).stem if args.data else "data"
+    return Path("runs") / f"audit-{first}" / DEFAULT_SPOT_CHECK
+
+
 def build_options(args: argparse.Namespace, cfg: Any = None) -> Any:
     from .core import AuditOptions
 
@@ -66,9 +83,10 @@ def build_options(args: argparse.Namespace, cfg: Any = None) -> Any:
         near_dups=not args.no_near_dups,
         imbalance_threshold=args.imbalance_threshold,
         max_seq_len=args.max_seq_len if args.max_seq_len is not None else (d.max_seq_len if d is not None else 1024),
+        truncation=d.truncation if d is not None else DataConfig.truncation,
         length_sample=args.length_sample or None,
         sample=args.sample,
-        spot_check_path=args.spot_check if args.sample > 0 else None,
+        spot_check_path=str(spot_check_path(args, cfg)) if args.sample > 0 else None,
         seed=seed,
     )
 
@@ -84,11 +102,19 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
         return f"--sample must be >= 0, got {args.sample}"
     if args.balance and not args.fix:
         return "--balance needs --fix OUT"
+    if args.apply_review and not args.fix:
+        return "--apply-review needs --fix OUT (the cleaned copy the marks are applied to)"
     if args.imbalance_threshold <= 1:
         return f"--imbalance-threshold must be > 1, got {args.imbalance_threshold}"
     if args.max_seq_len is not None and args.max_seq_len < 1:
         return f"--max-seq-len must be >= 1, got {args.max_seq_len}"
     return None
+
+
+def _fail(msg: str) -> int:
+    """A usage error: one unwrapped line on stderr, exit code 2 (as every tunelab verb)."""
+    print(f"tunelab: error: {msg}", file=sys.stderr)
+    return 2
 
 
 def run_audit_command(args: argparse.Namespace, console: Any = None) -> int:
@@ -99,27 +125,25 @@ def run_audit_command(args: argparse.Namespace, console: Any = None) -> int:
     from ..data.formats import DataError
     from .core import DataSource, load_renderer, run_audit
     from .fix import write_fixed
+    from .review import read_review
 
     err = Console(stderr=True)
     # With --json -, stdout carries only the JSON document.
     console = console or (err if args.json == "-" else Console())
     if (msg := _validate(args)) is not None:
-        err.print(f"tunelab audit: error: {msg}")
-        return 2
+        return _fail(msg)
     cfg = None
     try:
         if args.config:
             cfg, _ = load_config(args.config, args.set or [])
         elif args.set:
-            err.print("tunelab audit: error: --set needs --config")
-            return 2
+            return _fail("--set needs --config")
         if args.data:
             data = [DataSource(p, "train", args.format) for p in args.data]
         elif cfg is not None:
             data = list(cfg.data.train)
         else:
-            err.print("tunelab audit: error: give DATA files or --config with data.train")
-            return 2
+            return _fail("give DATA files or --config with data.train")
         if args.eval:
             evals = [DataSource(p, "eval", args.format) for p in args.eval]
         elif cfg is not None and cfg.data.eval is not None:
@@ -141,11 +165,11 @@ def run_audit_command(args: argparse.Namespace, console: Any = None) -> int:
         with console.status("auditing"):
             report = run_audit(data, evals, renderer=renderer, options=opts, tokenizer_info=info)
         if args.fix:
-            fix = write_fixed(report, args.fix, args.balance, opts.seed, args.balance_ratio)
+            review = read_review(args.apply_review, report.records) if args.apply_review else None
+            fix = write_fixed(report, args.fix, args.balance, opts.seed, args.balance_ratio, review)
             report.sections["fix"] = fix.to_dict()
     except (ConfigError, DataError, FileExistsError) as e:
-        err.print(f"tunelab audit: error: {e}")
-        return 2
+        return _fail(str(e))
     if args.json == "-":
         sys.stdout.write(report.to_json() + "\n")
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import DataConfig
-from ..data.formats import DataError
+from ..data.formats import DataError, not_a_file_message
 from . import artifacts, balance, dedup, lengths, neardup, schema
 from .findings import Tally
 from .normalize import build_views
@@ -39,6 +39,9 @@ class AuditOptions:
     label_max_distinct: int = 50  # completions count as labels when a task has at most this many distinct ones...
     label_min_records: int = 200  # ...over at least this many records
     max_seq_len: Optional[int] = 1024
+    # data.truncation of the run the data is for (drop | truncate_prompt): the length findings say
+    # what training will do; None: the neutral right-truncation model (what cutting at max_seq_len does)
+    truncation: Optional[str] = None
     length_sample: Optional[int] = 10000  # tokenize a sample of this many (+ every record that may not fit); None: all
     sample: int = 100  # spot-check records
     spot_check_path: Optional[str] = None  # None: no spot-check file
@@ -98,8 +101,8 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
     if not sources:
         raise DataError("audit", "no data files to audit; give DATA paths or --config with data.train")
     for s in sources:
-        if not Path(s.path).exists():
-            raise DataError(s.path, "file not found")
+        if not Path(s.path).is_file():
+            raise DataError(s.path, not_a_file_message(Path(s.path)))
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -170,7 +173,8 @@ def run_audit(data: Sequence[Any], eval_data: Sequence[Any] = (), *, renderer: A
         if tokenizer_info and tokenizer_info.get("error"):
             tc.note += f" ({tokenizer_info['error'][:200]})"
     lst = lengths.stats(tc, records)
-    found += lengths.findings(lst, records, tc)
+    lst.truncation = opts.truncation
+    found += lengths.findings(lst, records, tc, opts.truncation)
     lap("lengths")
 
     # 7. spot check

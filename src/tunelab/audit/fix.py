@@ -22,6 +22,7 @@ from typing import Optional
 from ..files import atomic_write_jsonl
 from .reader import AuditRecord
 from .report import AuditReport
+from .review import Review, to_fix_path
 from .schema import untrainable_ids
 
 
@@ -123,10 +124,17 @@ def _balance(kept: list[AuditRecord], report: AuditReport, mode: str, seed: int,
     return [r for r in kept if r.idx not in drop_ids] + extra
 
 
-def write_fixed(report: AuditReport, out: str | Path, balance: Optional[str] = None, seed: int = 0, balance_ratio: float = 1.0) -> FixResult:
-    """Write the cleaned train records; return what was removed and why."""
+def write_fixed(report: AuditReport, out: str | Path, balance: Optional[str] = None, seed: int = 0, balance_ratio: float = 1.0,
+                review: Optional[Review] = None) -> FixResult:
+    """Write the cleaned train records; return what was removed and why.
+
+    ``review``: the reviewer's spot-check marks (``--apply-review``): ``drop`` records are left
+    out, ``fix`` records are left out and written to :func:`to_fix_path` for hand correction."""
     out = Path(out)
     mapping = _outputs(report, out)
+    fix_out = to_fix_path(out) if review is not None and review.fix else None
+    if fix_out is not None and any(fix_out.resolve() == Path(f.path).resolve() for f in report.files):
+        raise FileExistsError(f"--apply-review: refusing to overwrite the input file {fix_out}; choose another --fix path")
     records = report.records
     res = FixResult()
     dups, near, art = report.results["dups"], report.results["near"], report.results["artifacts"]
@@ -136,6 +144,11 @@ def write_fixed(report: AuditReport, out: str | Path, balance: Optional[str] = N
         drop[idx] = (f"cannot be trained ({code})", "")
     for idx in art.artifact_only:
         drop.setdefault(idx, ("completion is only special tokens or markers", ""))
+    if review is not None:  # the reviewer's word wins over the automatic reasons
+        for idx, note in review.drop.items():
+            drop[idx] = ("reviewer marked drop", note)
+        for idx, note in review.fix.items():
+            drop[idx] = (f"reviewer marked fix (moved to {fix_out})", note)
     # Keep the first surviving member of each exact group and near-duplicate cluster.
     for group, why in [(g, "exact duplicate") for g in dups.groups] + [(c, "near-duplicate") for c in (near.clusters if near else [])]:
         alive = [i for i in group if i not in drop]
@@ -167,6 +180,11 @@ def write_fixed(report: AuditReport, out: str | Path, balance: Optional[str] = N
         atomic_write_jsonl(target, [r.data for r in by_out.get(target, [])])
         res.outputs.append(str(target))
     res.written = len(kept)
+    if fix_out is not None:
+        atomic_write_jsonl(fix_out, [r.data for r in train if r.idx in review.fix])
+        res.notes.append(f"{len(review.fix)} records marked fix are in {fix_out}: correct them and add them back")
+    if review is not None:
+        res.notes.append(f"review {review.source}: {len(review.drop)} drop, {len(review.fix)} fix, {review.ok} ok")
     if any(f.split == "eval" for f in report.files):
         res.notes.append("eval files are not rewritten; remove leaked records from train or eval by hand if reported")
     return res

@@ -74,12 +74,13 @@ class LengthStats:
     by_split: Optional[dict] = None
     sampled: bool = False
     within_bound: int = 0
+    truncation: Optional[str] = None  # the configured data.truncation, None: right truncation
 
     def to_dict(self, records: list[AuditRecord]) -> dict:
         return {
             "unit": self.unit,
             "max_seq_len": self.max_seq_len,
-            "truncation_model": "right truncation at max_seq_len (the model sees the first max_seq_len tokens)",
+            "truncation_model": TRUNCATION_WORDS.get(self.truncation, str(self.truncation)),
             "records_counted": self.counted,
             "percentiles_sampled": self.sampled,
             "records_within_bound": self.within_bound,
@@ -137,25 +138,42 @@ def stats(tc: TokenCounts, records: list[AuditRecord]) -> LengthStats:
     return st
 
 
-def findings(st: LengthStats, records: list[AuditRecord], tc: TokenCounts) -> FindingList:
+TRUNCATION_WORDS = {
+    None: "right truncation at max_seq_len (the model sees the first max_seq_len tokens)",
+    "drop": "data.truncation: drop (a record longer than max_seq_len is not trained)",
+    "truncate_prompt": "data.truncation: truncate_prompt (the prompt is cut from the left; the completion is kept whole when it fits)",
+}
+
+
+def findings(st: LengthStats, records: list[AuditRecord], tc: TokenCounts, truncation: Optional[str] = None) -> FindingList:
+    """Length findings, worded for the configured ``truncation`` (None: the right-truncation model)."""
     out = FindingList()
     unit = st.unit
     lb = "at least " if unit == "words" else ""
     L = st.max_seq_len
-    if st.over:
+    if st.over and truncation is not None:
+        what = "dropped: not trained" if truncation == "drop" else "trained with the prompt cut from the left"
+        out.add("over_max_seq_len", WARNING,
+                f"{lb}{len(st.over)} records are longer than max_seq_len={L} {'tokens' if unit == 'tokens' else '(counted in words)'} "
+                f"and will be {what} (truncation: {truncation}; longest {st.total.get('max')} {unit}, p99 {st.total.get('p99')})",
+                len(st.over), [records[i].where for i in st.over],
+                f"Raise data.max_seq_len (p99 is {st.total.get('p99')} {unit}) or shorten these records"
+                + (", or set truncation: truncate_prompt to keep them with the prompt cut." if truncation == "drop" else "."),
+                SECTION)
+    elif st.over:
         out.add("over_max_seq_len", WARNING,
                 f"{lb}{len(st.over)} records are longer than max_seq_len={L} {'tokens' if unit == 'tokens' else '(counted in words)'} "
                 f"(longest {st.total.get('max')} {unit}; p99 {st.total.get('p99')})",
                 len(st.over), [records[i].where for i in st.over],
                 f"Raise data.max_seq_len (p99 is {st.total.get('p99')} {unit}) or shorten these records; with truncation: drop they are not trained.",
                 SECTION)
-    if st.partly:
+    if st.partly and truncation is None:
         out.add("completion_truncated", WARNING,
                 f"{lb}{len(st.partly)} records would lose part of their completion at max_seq_len={L} (right truncation)",
                 len(st.partly), [records[i].where for i in st.partly],
                 "Raise data.max_seq_len, or shorten the prompts (truncation: truncate_prompt keeps completions whole when they fit).",
                 SECTION)
-    if st.entirely:
+    if st.entirely and truncation is None:
         out.add("completion_lost", WARNING,
                 f"{lb}{len(st.entirely)} records would lose their entire completion at max_seq_len={L}: the prompt alone fills the window",
                 len(st.entirely), [records[i].where for i in st.entirely],

@@ -118,8 +118,7 @@ class AuditReport:
         t = L["total"]
         line = f"lengths ({L['unit']}): total p50 {t['p50']}, p95 {t['p95']}, max {t['max']}"
         if L.get("max_seq_len"):
-            line += (f"; {L['over_max_seq_len']} over max_seq_len={L['max_seq_len']} "
-                     f"({L['completion_cut_partly']} lose completion tokens partly, {L['completion_cut_entirely']} entirely)")
+            line += f"; {L['over_max_seq_len']} over max_seq_len={L['max_seq_len']}" + (" " + _over_words(L) if L["over_max_seq_len"] else "")
         return line
 
     def _dups_line(self) -> str:
@@ -205,8 +204,7 @@ class AuditReport:
                 lt.add_row(part, *[str(L[part].get(k, "")) for k in keys])
             parts.append(lt)
             if L.get("max_seq_len"):
-                parts.append(Text(f"max_seq_len {L['max_seq_len']}: {L['over_max_seq_len']} records over; completion cut partly in "
-                                  f"{L['completion_cut_partly']}, entirely in {L['completion_cut_entirely']} (right truncation)"))
+                parts.append(Text(f"max_seq_len {L['max_seq_len']}: {L['over_max_seq_len']} records over" + (" " + _over_words(L) if L["over_max_seq_len"] else "")))
             if L.get("note"):
                 parts.append(Text(L["note"], style="yellow"))
 
@@ -247,7 +245,8 @@ class AuditReport:
         parts.append(t if self.findings else Text("no findings", style="green"))
         sc = self.sections.get("spot_check")
         if sc and sc.get("path"):
-            parts.append(Text(f"spot check: {sc['records']} records written to {sc['path']} (mark each one before training)"))
+            parts.append(Text(f"spot check: {sc['records']} records written to {sc['path']} (mark each one ok/fix/drop, "
+                              "export the marks, then: tunelab audit DATA --apply-review spotcheck-marks.csv --fix OUT; docs/audit.md)"))
         parts.append(Text(self._verdict(), style="bold red" if self.has_errors else "bold green"))
         return Group(*parts)
 
@@ -263,3 +262,14 @@ def _clean(x: Any) -> Any:
     if hasattr(x, "item") and callable(x.item):  # numpy scalars
         return _clean(x.item())
     return x
+
+
+def _over_words(L: dict) -> str:
+    """What happens to the records over max_seq_len, in the words of the configured truncation."""
+    model = L.get("truncation_model", "")
+    if model.startswith("data.truncation: drop"):
+        return "(truncation: drop, so they are not trained)"
+    if model.startswith("data.truncation: truncate_prompt"):
+        return "(truncation: truncate_prompt, so their prompts are cut from the left)"
+    return (f"({L['completion_cut_partly']} lose completion tokens partly, {L['completion_cut_entirely']} entirely, "
+            "under right truncation)")

@@ -34,8 +34,9 @@ def audit_for_training(cfg: Any, renderer: Any = None, data: Any = None, rep: An
       as eval so that train/eval leakage is checked on the real split.
     * ``rep``: optional reporter with ``info(renderable)`` / ``warn(str)`` (the recipe's);
       else ``console`` (a rich Console); else nothing is printed.
-    * ``fast``: no spot-check file (the rest is fast enough to run in full: see
-      benchmarks/audit_speed.py).
+    * ``fast``: no spot-check file and no JSON report (the rest is fast enough to run in full:
+      see benchmarks/audit_speed.py); else both go to the run dir (``audit-spotcheck.html``,
+      ``audit.json``).
 
     Returns the report (None when ``data.audit`` is off). Raises :class:`AuditFailed`
     (a DataError) when ``data.audit`` is strict and there are error findings.
@@ -43,7 +44,7 @@ def audit_for_training(cfg: Any, renderer: Any = None, data: Any = None, rep: An
     mode = getattr(cfg.data, "audit", "warn")
     if mode == "off":
         return None
-    opts = AuditOptions(max_seq_len=cfg.data.max_seq_len, seed=cfg.train.seed,
+    opts = AuditOptions(max_seq_len=cfg.data.max_seq_len, truncation=cfg.data.truncation, seed=cfg.train.seed,
                         spot_check_path=None if fast else str(cfg.run_dir / "audit-spotcheck.html"))
     eval_where = None
     if data is not None and cfg.data.eval is None and getattr(data, "eval_conversations", None):
@@ -60,6 +61,8 @@ def audit_for_training(cfg: Any, renderer: Any = None, data: Any = None, rep: An
         return None
     info = renderer_info(renderer, cfg.model.name) if renderer is not None else {"unit": "words", "note": "no renderer given"}
     report = run_audit(train_files, evals, renderer=renderer, options=opts, tokenizer_info=info, eval_where=eval_where)
+    if not fast:  # the full report next to the spot check, in the run dir
+        report.write_json(cfg.run_dir / "audit.json")
     if rep is not None:
         rep.info(report.rich_summary())
     elif console is not None:

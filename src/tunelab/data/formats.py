@@ -203,6 +203,24 @@ def _parquet_records(path: Path) -> Iterator[Record]:
         yield Record(row, str(path), i + 1)  # parquet has rows, not lines: row number, 1-based
 
 
+SUPPORTED_INPUTS = "a local .jsonl, .json, .csv or .parquet file, or a folder written by datasets' save_to_disk"
+
+
+def not_a_file_message(path: Path) -> str:
+    """What to say when a dataset path is not a file: a folder, a hub dataset id, a typo."""
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv", ".parquet"))[:5]
+        return (f"a folder, but not one written by datasets' save_to_disk (no dataset_info.json or dataset_dict.json); "
+                f"a dataset entry takes {SUPPORTED_INPUTS}"
+                + (f", e.g. {path / files[0]} (data files here: {', '.join(files)})" if files else ""))
+    s = str(path)
+    if s.count("/") == 1 and not path.suffix and not s.startswith((".", "/", "~")):
+        return (f"not a file; it looks like a Hugging Face dataset id: write the entry as {{hub: {s}}} (read from the "
+                f"local HF cache, never downloaded; fetch it once where the hub is reachable with: hf download {s} --repo-type dataset), "
+                f"or give {SUPPORTED_INPUTS} ({FORMAT_HELP})")
+    return f"file not found; a dataset entry takes {SUPPORTED_INPUTS} (a relative path is taken from the config file's folder)"
+
+
 def read_records(path: str | Path) -> Iterator[Record]:
     """Yield the records of a .jsonl, .json, .csv or .parquet file, each with its line.
 
@@ -211,10 +229,8 @@ def read_records(path: str | Path) -> Iterator[Record]:
     line ends are accepted. The records themselves are checked by :func:`to_conversation`.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(str(path), "file not found")
-    if path.is_dir():
-        raise DataError(str(path), "a folder, but not one written by datasets' save_to_disk (no dataset_info.json or dataset_dict.json); point at a file or such a folder")
+    if not path.is_file():
+        raise DataError(str(path), not_a_file_message(path))
     suffix = path.suffix.lower()
     readers = {".jsonl": _jsonl_records, ".ndjson": _jsonl_records, ".json": lambda p: _json_array_records(p, _decode(p, p.read_bytes())),
                ".csv": _csv_records, ".parquet": _parquet_records}

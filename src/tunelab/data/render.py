@@ -173,6 +173,7 @@ class EncodeStats:
     completion_truncated: int = 0  # kept, but lost some completion tokens
     dropped_no_completion: int = 0  # would lose every completion token: never trained
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> sources
+    lengths: list[int] = field(default_factory=list)  # full token length of every trainable example, before any cut
 
     def note(self, reason: str, source: str) -> None:
         self.examples.setdefault(reason, [])
@@ -363,6 +364,7 @@ class Renderer:
                 stats.dropped_no_completion += 1
                 stats.note("no trained tokens", conv.source)
                 continue
+            stats.lengths.append(len(ids))
             if max_seq_len is not None and len(ids) > max_seq_len:
                 ex = self._fit(ex, max_seq_len, truncation, stats)
                 if ex is None:
@@ -425,17 +427,24 @@ class Renderer:
         cuts = sorted({c for _, _, a, b in turns for c in (a, b)} | {len(text)})
         return self._tokenize_chunked([text], [cuts])[0][0]
 
-    def segments(self, conv: Conversation) -> dict:
-        """The example as text segments with a trained flag, decoded from the actual tokens."""
-        exs, _ = self.encode_many([conv], None, "drop")
-        if not exs:
-            return {"segments": [], "n_tokens": 0, "n_trained": 0}
-        ex = exs[0]
+    def segments(self, conv: Conversation, max_seq_len: Optional[int] = None, truncation: str = "drop") -> dict:
+        """The example as text segments with a trained flag, decoded from the actual tokens.
+
+        With ``max_seq_len`` the example is fitted as training fits it: ``status`` is ``kept``,
+        ``truncated`` (the segments are what trains) or ``dropped`` (the segments show the whole
+        record, none of which trains); ``n_tokens_full`` is the length before any cut."""
+        full, _ = self.encode_many([conv], None, "drop")
+        if not full:
+            return {"segments": [], "n_tokens": 0, "n_trained": 0, "n_tokens_full": 0, "status": "dropped"}
+        ex, status = full[0], "kept"
+        if max_seq_len is not None and len(ex) > max_seq_len:
+            fitted = self._fit(ex, max_seq_len, truncation, EncodeStats())
+            ex, status = (fitted, "truncated") if fitted is not None else (ex, "dropped")
         segs: list[dict] = []
         run: list[int] = []
         flag = None
         for tid, lab in zip(ex.input_ids, ex.labels):
-            t = lab != IGNORE
+            t = lab != IGNORE and status != "dropped"
             if flag is not None and t != flag:
                 segs.append({"text": self.tokenizer.decode(run), "trained": flag})
                 run = []
@@ -443,7 +452,8 @@ class Renderer:
             flag = t
         if run:
             segs.append({"text": self.tokenizer.decode(run), "trained": bool(flag)})
-        return {"segments": segs, "n_tokens": len(ex.input_ids), "n_trained": ex.n_trained}
+        return {"segments": segs, "n_tokens": len(ex.input_ids) if status != "dropped" else 0,
+                "n_trained": ex.n_trained if status != "dropped" else 0, "n_tokens_full": len(full[0]), "status": status}
 
 
 def _labels_from_offsets(ids: Sequence[int], offsets: Sequence[tuple[int, int]], trained: list[tuple[int, int]]) -> list[int]:

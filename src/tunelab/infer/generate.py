@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -76,8 +76,12 @@ def _qconfig(cfg: Config, dtype: torch.dtype) -> Any:
 
 
 @torch.no_grad()
-def generate(loaded: Loaded, conversations: Sequence[list[dict]], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """Complete each conversation's next assistant turn. Greedy when temperature == 0."""
+def generate(loaded: Loaded, conversations: Sequence[list[dict]], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             on_text: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Complete each conversation's next assistant turn. Greedy when temperature == 0.
+
+    ``on_text``: called with each new piece of the reply as it is generated (streaming); the
+    pieces add up to the returned text (end-of-turn markers never reach it)."""
     r = loaded.renderer
     tok = loaded.tokenizer
     outs = []
@@ -92,10 +96,51 @@ def generate(loaded: Loaded, conversations: Sequence[list[dict]], max_new_tokens
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if multi_token_markers:
             kw.update(stop_strings=multi_token_markers, tokenizer=tok)
+        streamer = _Streamer(tok, r.eot_markers, on_text) if on_text is not None else None
+        if streamer is not None:
+            kw["streamer"] = streamer
         out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
         outs.append(_strip_eot(text, r.eot_markers))
+        if streamer is not None:
+            streamer.finish(outs[-1])
     return outs
+
+
+class _Streamer:
+    """A transformers streamer (``put``/``end``) that hands the reply's new text to ``emit``,
+    holding back what could be the start of an end-of-turn marker and stopping at one."""
+
+    def __init__(self, tokenizer: Any, markers: Sequence[str], emit: Callable[[str], None]):
+        self.tok, self.markers, self.emit = tokenizer, [m for m in markers if m], emit
+        self.ids: list[int] = []
+        self.prompt_seen = False
+        self.sent = 0  # characters of the stripped reply already emitted
+        self.hold = max((len(m) for m in self.markers), default=0)
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(x) for x in value.reshape(-1).tolist())
+        text = self.tok.decode(self.ids, skip_special_tokens=False)
+        cut = min([text.find(m) for m in self.markers if m in text] or [len(text)])
+        safe = cut if cut < len(text) else max(0, len(text) - self.hold)
+        if text[:safe].endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return
+        self._send(text[:safe].lstrip())
+
+    def _send(self, reply_so_far: str) -> None:
+        if len(reply_so_far) > self.sent:
+            self.emit(reply_so_far[self.sent:])
+            self.sent = len(reply_so_far)
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, reply: str) -> None:
+        """Emit whatever of the final (stripped) reply has not been emitted yet."""
+        self._send(reply)
 
 
 def _strip_eot(text: str, markers: Sequence[str]) -> str:

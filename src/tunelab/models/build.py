@@ -37,7 +37,10 @@ def build_model(cfg: Config, device: torch.device) -> BuiltModel:
     tok = load_tokenizer(path, cfg.model.trust_remote_code)
     dtype = compute_dtype(cfg.model.dtype, device)
     if cfg.method == "qlora":
+        from ..console import allow_logger
         from .quantize import check_backend
+
+        allow_logger("bitsandbytes")  # its messages matter in a QLoRA run (quiet otherwise)
 
         check_backend(device)  # a missing or unsupported bitsandbytes fails here, saying how to fix it
     # Frozen base in the compute dtype; full fine-tuning trains every weight, so it keeps fp32

@@ -27,7 +27,28 @@ EMBEDDED_ALIASES = {
 
 
 class ModelError(ValueError):
-    pass
+    """``model.name`` cannot be loaded; the message says what was tried and what to do."""
+
+
+MODEL_NAME_FORMS = ("model.name takes a local transformers dir (with config.json), a .gguf file, a Hugging Face id "
+                    "(downloaded once into the HF cache), or smollm2-135m-instruct (embedded)")
+
+
+def _hub_error(name: str, err: BaseException) -> ModelError:
+    """A load of hub id ``name`` failed (offline, unknown id, gated): say what was tried and what to do."""
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    return ModelError(
+        f"model.name {name!r}: not a local path ({Path(name).resolve()} does not exist), and the Hugging Face hub "
+        f"{'is off (HF_HUB_OFFLINE=1) and the cache' if HF_HUB_OFFLINE else 'and the cache'} {HF_HUB_CACHE} could not provide it "
+        f"({type(err).__name__}: {first}). Fix: point model.name at a local dir or a .gguf file; or download it once "
+        f"where the hub is reachable (hf download {name}) into the HF cache and run with HF_HUB_OFFLINE=1"
+    )
+
+
+def _is_hub_id(path: str) -> bool:
+    return not Path(path).exists()
 
 
 def cache_root() -> Path:
@@ -93,14 +114,14 @@ def resolve_model_path(name: str) -> str:
     p = Path(os.path.expanduser(name))
     if p.suffix.lower() == ".gguf":
         if not p.exists():
-            raise ModelError(f"model.name: {p} does not exist")
+            raise ModelError(f"model.name: {p} does not exist; {MODEL_NAME_FORMS}")
         return str(convert_gguf(p))
     if p.exists():
         if p.is_dir() and not (p / "config.json").exists():
             raise ModelError(f"model.name: {p} is a folder without config.json; point at a transformers model dir")
         return str(p)
-    if name.startswith((".", "/", "~")):
-        raise ModelError(f"model.name: {name} does not exist")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model.name: {name} does not exist; {MODEL_NAME_FORMS}")
     return name  # a hub id
 
 
@@ -126,7 +147,12 @@ def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if not _is_hub_id(path):
+            raise
+        raise _hub_error(path, e) from e
     if tok.pad_token is None:
         # pad == eos is fine: padding is masked by position, never by token id.
         tok.pad_token = tok.eos_token
@@ -161,7 +187,12 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, a
         kw["attn_implementation"] = attn_implementation
     if quantization_config is not None:
         kw["quantization_config"] = quantization_config
-    return AutoModelForCausalLM.from_pretrained(path, **kw)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kw)
+    except OSError as e:
+        if not _is_hub_id(path):
+            raise
+        raise _hub_error(path, e) from e
 
 
 def load_base_state_dict(model_dir: str) -> dict[str, torch.Tensor]:

@@ -60,42 +60,59 @@ def _is_quantized(p: torch.Tensor) -> bool:
 
 
 KINDS = ("trainable", "frozen quantized", "frozen full precision")
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64", torch.int8: "int8"}
 
 
-def param_breakdown(model: Any) -> dict[str, dict[str, int]]:
-    """{kind: {"params": n, "bytes": b}} for trainable, frozen quantized, frozen full precision.
+def _kind(p: torch.Tensor) -> str:
+    if p.requires_grad:
+        return "trainable"
+    return "frozen quantized" if _is_quantized(p) else "frozen full precision"
 
-    ``params`` counts logical weights (a 4-bit (out, in) weight counts out*in, not its packed
-    bytes); tied weights count once."""
-    out = {k: {"params": 0, "bytes": 0} for k in KINDS}
+
+def _precision(p: torch.Tensor) -> str:
+    """The storage precision of ``p`` as a reader would name it: fp32, bf16, NF4 4-bit, int8."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None:
+        qt = str(getattr(qs, "quant_type", "4bit")).upper()
+        return f"{qt} 4-bit" if p.dtype == torch.uint8 else qt
+    return DTYPE_NAMES.get(p.dtype, str(p.dtype).replace("torch.", ""))
+
+
+def _tally(model: Any, key: Any) -> dict[str, dict[str, int]]:
+    """{key(p): {"params": n, "bytes": b}}; logical weights (a 4-bit (out, in) weight counts
+    out*in, not its packed bytes); tied weights count once."""
+    out: dict[str, dict[str, int]] = {}
     seen_params: set = set()
     seen_storage: set = set()
     for _, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen_params:  # tied weights count once
             continue
         seen_params.add(id(p))
-        if p.requires_grad:
-            kind = "trainable"
-        elif _is_quantized(p):
-            kind = "frozen quantized"
-        else:
-            kind = "frozen full precision"
-        out[kind]["params"] += _logical_numel(p)
-        out[kind]["bytes"] += _param_bytes(p, seen_storage)
+        row = out.setdefault(key(p), {"params": 0, "bytes": 0})
+        row["params"] += _logical_numel(p)
+        row["bytes"] += _param_bytes(p, seen_storage)
     return out
 
 
+def param_breakdown(model: Any) -> dict[str, dict[str, int]]:
+    """{kind: {"params": n, "bytes": b}} for trainable, frozen quantized, frozen full precision."""
+    t = _tally(model, _kind)
+    return {k: t.get(k, {"params": 0, "bytes": 0}) for k in KINDS}
+
+
 def memory_report(model: Any) -> tuple[list[tuple], tuple[str, ...]]:
-    """Rows and headers for the start-of-run parameter table."""
+    """Rows and headers for the start-of-run parameter table, one row per (kind, precision):
+    ``trainable fp32``, ``frozen bf16``, ``frozen NF4 4-bit``."""
     from .reporting import format_bytes
 
-    b = param_breakdown(model)
+    b = _tally(model, lambda p: (KINDS.index(_kind(p)), "trainable" if p.requires_grad else "frozen", _precision(p)))
     total = sum(v["params"] for v in b.values())
     total_bytes = sum(v["bytes"] for v in b.values())
 
     def per(v: dict) -> str:
         return f"{v['bytes'] / v['params']:.3f}" if v["params"] else "-"
 
-    rows = [(k, f"{v['params']:,}", f"{100 * v['params'] / max(total, 1):.2f}%", format_bytes(v["bytes"]), per(v)) for k, v in b.items() if v["params"]]
+    rows = [(f"{k[1]} {k[2]}", f"{v['params']:,}", f"{100 * v['params'] / max(total, 1):.2f}%", format_bytes(v["bytes"]), per(v))
+            for k, v in sorted(b.items()) if v["params"]]
     rows.append(("total", f"{total:,}", "100%", format_bytes(total_bytes), per({"params": total, "bytes": total_bytes})))
-    return rows, ("kind", "params", "share", "bytes", "bytes/param")
+    return rows, ("parameters", "count", "share", "bytes", "bytes/param")

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from ..audit import audit_for_training
-from ..config import Config, dump_yaml
+from ..config import Config, dump_yaml, resolved_config
 from ..data.batching import MicroBatchStream, collate, split_by_tokens
 from ..data.pipeline import prepare_data
 from ..data.render import Renderer
@@ -28,6 +28,8 @@ from .guards import Interrupted, NonFiniteGuard, StopSignals, checkpoint_failed,
 from .rundir import Run, join_run, open_run
 from .distributed import equalize_passes, full_optimizer_state, full_trainable_state, is_fsdp, load_optimizer_state, make_accelerator, run_once
 from .evaluate import autocast_for, loss_sums
+from .header import DTYPE as DTYPE_NAME
+from .header import Plan, header_lines, summary_lines
 from .loss import CausalLMLoss
 from .memory import memory_report
 from .quantization_cost import report_quantization_cost
@@ -94,27 +96,12 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
     for note in run.notes:
         rep.warn(note)
     rep.info(f"[bold]tunelab train[/bold] {cfg.name} -> {run_dir}  ({accelerator.num_processes} process(es) on {device})")
-    if overrides:
-        rep.info("overridden: " + ", ".join(overrides))
-    rep.info(dump_yaml(cfg).rstrip())
-    if accelerator.is_main_process:
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     set_seed(cfg.train.seed)
 
     built = build_model(cfg, device)
     model, tokenizer = built.model, built.tokenizer
     renderer = Renderer.from_config(tokenizer, cfg)
     data = prepare_data(cfg, renderer)
-    rep.info(f"data: {data.formats}; train {data.train_stats.summary()}" + (f"; eval {data.eval_stats.summary()}" if data.eval_stats else ""))
-    if data.skipped:
-        rep.warn(f"{len(data.skipped)} bad records skipped (data.on_error: skip), first: {data.skipped[:3]}")
-    run_once(accelerator, lambda: audit_for_training(cfg, renderer, data, rep))  # data.audit: off | warn | strict (strict raises)
-    rep.table("parameters", *memory_report(model))
-    if cfg.method == "qlora" and data.eval and ckpt is None:
-        # What NF4 costs: the base's eval loss quantized vs unquantized (loads the latter briefly).
-        if accelerator.is_main_process:
-            report_quantization_cost(cfg, model, data.eval, device, tokenizer.pad_token_id or 0, rep.info, rep.warn, run_dir)
-        accelerator.wait_for_everyone()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999))
@@ -130,7 +117,25 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
     save_every = cfg.train.save_every or eval_every
     loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix,
                            padding_free=cfg.train.padding_free, kernels=cfg.train.kernels)
-    rep.info(f"fast path: {loss_fn.path}")
+
+    # ---------------------------------------------------------------- header: one screen
+    plan = Plan(total_steps, steps_per_epoch, eval_every, save_every, micro_per_step, world, loss_fn.path)
+    lines, warnings = header_lines(cfg, built, data, plan, list(overrides))
+    for line in lines:
+        rep.line(line)
+    for w in warnings:
+        rep.warn(w)
+    rep.table("parameters", *memory_report(model))
+    if accelerator.is_main_process:  # the resolved config: derived values filled in, reruns as is
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved_config(
+            cfg, dtype=DTYPE_NAME.get(built.compute_dtype), eval_every=eval_every, save_every=save_every)))
+    run_once(accelerator, lambda: audit_for_training(cfg, renderer, data, rep, fast=False))  # data.audit: off | warn | strict (strict raises)
+    if cfg.method == "qlora" and data.eval and ckpt is None:
+        # What NF4 costs: the base's eval loss quantized vs unquantized (loads the latter briefly).
+        if accelerator.is_main_process:
+            report_quantization_cost(cfg, model, data.eval, device, tokenizer.pad_token_id or 0, rep.info, rep.warn, run_dir)
+        accelerator.wait_for_everyone()
+
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -140,8 +145,6 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
                                    cfg.model.allow_pickle)
         state = LoopState(**{k: v for k, v in restored.items() if k in LoopState.__dataclass_fields__})
         rep.info(f"resumed from {ckpt} at step {state.step}")
-    rep.info(f"{len(data.train)} train / {len(data.eval)} eval examples; {steps_per_epoch} steps per epoch; {total_steps} steps; "
-             f"lr {cfg.lr:g}; effective batch {cfg.train.batch_size * micro_per_step} ({cfg.train.batch_size} x {ga} accumulation x {world} process(es))")
 
     def evaluate() -> float:
         """Mean loss over every trained token of the eval set (all processes)."""
@@ -163,7 +166,6 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
         total_steps = state.step
     if data.eval and cfg.early_stopping_on and state.step == 0:
         base_eval = evaluate()
-        rep.info(f"eval loss before training: {base_eval:.4f}")
         rep.metrics(event="eval", step=0, epoch=0.0, lr=scheduler.get_last_lr()[0], eval_loss=base_eval, trained_tokens=0)
 
     def checkpoint() -> None:
@@ -276,11 +278,17 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
     result.steps, result.best_step = state.step, state.best_step
     result.best_eval = state.best_eval if math.isfinite(state.best_eval) else None
     mem = peak_memory_bytes(device)
-    rep.info(f"done: {state.step} steps; " + (f"best eval loss {result.best_eval:.4f} at step {state.best_step}; " if result.best_eval is not None else "")
-             + (f"{state.skipped_nonfinite} non-finite batches skipped; " if state.skipped_nonfinite else "")
-             + (f"{state.skipped_empty} passes without trained tokens skipped; " if state.skipped_empty else "")
-             + f"result in {run_dir / ('model' if cfg.method == 'full' else 'adapter')}; "
-             + "; ".join(f"{k} {format_bytes(v)}" for k, v in mem.items()))
+    artifacts = {"model" if cfg.method == "full" else "adapter": run_dir / ("model" if cfg.method == "full" else "adapter"),
+                 "config": run_dir / "config.yaml", "metrics": run_dir / "metrics.jsonl",
+                 "audit": run_dir / "audit.json", "spot check": run_dir / "audit-spotcheck.html",
+                 "checkpoints": run_dir / "checkpoints"}
+    for line in summary_lines(cfg, result, artifacts):
+        rep.line(line)
+    if state.skipped_nonfinite or state.skipped_empty:
+        rep.line("skipped: " + "; ".join(x for x in (
+            f"{state.skipped_nonfinite} non-finite batches" if state.skipped_nonfinite else "",
+            f"{state.skipped_empty} passes without trained tokens" if state.skipped_empty else "") if x))
+    rep.line("memory: " + "; ".join(f"{k} {format_bytes(v)}" for k, v in mem.items()))
     rep.final(steps=state.step, best_eval_loss=result.best_eval, best_step=state.best_step, stopped_early=result.stopped_early,
               trained_tokens=state.trained_tokens, train_seconds=round(result.train_seconds, 3))
     return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +36,12 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def format_duration(seconds: float) -> str:
+    """``0:04:10`` (h:mm:ss)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class Reporter:
     """What the main process shows and writes."""
 
@@ -50,6 +57,9 @@ class Reporter:
         self._progress: Optional[Progress] = None
         self._task = None
         self.trackers = open_trackers(cfg, self.run_dir)  # report_to: accelerate's trackers, or None
+        self._total: Optional[int] = None  # steps of the run, once started
+        self._first = 0
+        self._t0 = time.perf_counter()
 
     def _truncate_metrics(self, step: int) -> None:
         """On resume, keep the lines up to the checkpoint's step: the rest is replayed."""
@@ -67,8 +77,14 @@ class Reporter:
     def info(self, msg: Any) -> None:
         self.console.print(msg)
 
+    def line(self, msg: str) -> None:
+        """Plain text: no markup, no highlighting (paths and brackets print as they are)."""
+        self.console.print(msg, markup=False, highlight=False, soft_wrap=True)
+
     def warn(self, msg: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {msg}")
+        from rich.text import Text
+
+        self.console.print(Text.assemble(("warning: ", "yellow"), msg), soft_wrap=True)
 
     def table(self, title: str, rows: list[tuple], headers: tuple[str, ...]) -> None:
         t = Table(title=title, title_justify="left")
@@ -81,6 +97,7 @@ class Reporter:
             self.trackers.table(title, rows, headers)
 
     def start(self, total_steps: int, first_step: int = 0) -> None:
+        self._total, self._first, self._t0 = total_steps, first_step, time.perf_counter()
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"),
@@ -104,13 +121,30 @@ class Reporter:
             fh.write(json.dumps(row) + "\n")
         if self.trackers:
             self.trackers.log(row)
-        if not self.console.is_terminal and row.get("event") in ("train", "eval"):
-            # No live bar (CI, pipes): one plain line per logged event.
-            parts = [f"step {row['step']}"]
-            for k in ("train_loss", "eval_loss", "lr", "tokens_per_s"):
-                if row.get(k) is not None:
-                    parts.append(f"{k} {row[k]:.4g}")
-            self.console.print("  " + "  ".join(parts), highlight=False)
+        if row.get("event") == "eval" or (not self.console.is_terminal and row.get("event") == "train"):
+            # No live bar (CI, pipes): one plain line per logged event; evals always (the bar shows no eval).
+            self.console.print(self.plain_line(row), highlight=False, markup=False, soft_wrap=True)
+
+    def plain_line(self, row: dict) -> str:
+        """``step 12/126  train_loss 1.234  lr 2e-04  412 tok/s  elapsed 0:01:02  eta 0:04:10``."""
+        step = row["step"]
+        parts = [f"step {step}/{self._total}" if self._total else f"step {step}"]
+        if row.get("event") == "eval":
+            parts.append(f"eval_loss {row['eval_loss']:.4f}" if row.get("eval_loss") is not None else "eval_loss nan")
+        else:
+            if row.get("train_loss") is not None:
+                parts.append(f"train_loss {row['train_loss']:.4f}")
+            if row.get("lr") is not None:
+                parts.append(f"lr {row['lr']:.2e}")
+            if row.get("tokens_per_s") is not None:
+                parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+        if self._total:
+            elapsed = time.perf_counter() - self._t0
+            done = step - self._first
+            parts.append(f"elapsed {format_duration(elapsed)}")
+            if done > 0 and row.get("event") == "train":
+                parts.append(f"eta {format_duration(elapsed / done * max(self._total - step, 0))}")
+        return "  " + "  ".join(parts)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -131,6 +165,7 @@ class NullReporter(Reporter):
         pass
 
     def info(self, msg: Any) -> None: ...
+    def line(self, msg: str) -> None: ...
     def warn(self, msg: str) -> None: ...
     def table(self, *a: Any, **k: Any) -> None: ...
     def start(self, *a: Any, **k: Any) -> None: ...

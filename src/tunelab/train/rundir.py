@@ -173,6 +173,8 @@ def config_diff(saved_yaml: str, cfg: Config, saved_world: int = 1, world: int =
     for k in sorted(set(saved) | set(now)):
         if k in RESUME_MAY_CHANGE or saved.get(k) == now.get(k):
             continue
+        if k in saved and (now.get(k) is None or (k == "model.dtype" and now.get(k) == "auto")):
+            continue  # the saved config.yaml is the resolved one: a derived default (null, auto) matches what it resolved to
         if k == "train.grad_accum" and isinstance(saved.get(k), int) and saved[k] * saved_world == now[k] * world:
             continue
         lines.append(f"  {k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}")
