@@ -122,6 +122,12 @@ class TrainConfig:
 
 
 @dataclass
+class DoctorConfig:
+    enabled: bool = _f(True, "Run the doctor (config lint against docs/practices.md, memory estimate) before training and print its findings.")
+    strict: bool = _f(False, "Refuse to train when the doctor finds an error (as tunelab train --strict).")
+
+
+@dataclass
 class Config:
     name: str = _f("run", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: Optional[str] = _f(None, "Run directory (default runs/<name>).")
@@ -132,6 +138,7 @@ class Config:
     data: DataConfig = _f(factory=DataConfig, doc="Datasets, masking and lengths.")
     lora: LoraConfig = _f(factory=LoraConfig, doc="LoRA adapters.")
     train: TrainConfig = _f(factory=TrainConfig, doc="The training loop.")
+    doctor: DoctorConfig = _f(factory=DoctorConfig, doc="The pre-training check (tunelab doctor).")
 
     # -- derived values: computed, never written back into the user's fields --
     @property

@@ -1,0 +1,46 @@
+"""``tunelab train`` as the CLI runs it: the doctor first, the recipe, then the HTML report.
+
+The doctor's findings are printed in a few lines and written to ``doctor.json`` in the run
+dir (the report shows them); ``doctor.strict: true`` (or ``--strict``) refuses to train on an
+error finding. The overrides given with ``--set`` go to ``overrides.json`` for the report.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..config import Config, ConfigError
+from ..files import atomic_write_json
+from ..report import write_run_report
+from ..train.recipe import TrainResult, train
+from .doctor import ERROR, diagnose, summary_lines
+
+
+class DoctorFailed(ConfigError):
+    """Strict doctor and an error finding: the CLI prints this line and exits 2."""
+
+
+def run_doctor(cfg: Config, strict: bool = False, echo: Any = print, **kw: Any) -> list:
+    findings, _ = diagnose(cfg, **kw)
+    for line in summary_lines(findings):
+        echo(line)
+    atomic_write_json(cfg.run_dir / "doctor.json", [f.to_dict() for f in findings])
+    errors = [f for f in findings if f.severity == ERROR]
+    if errors and (strict or cfg.doctor.strict):
+        raise DoctorFailed(f"doctor (strict): {len(errors)} error finding(s): " + "; ".join(f"{f.code}: {f.what}" for f in errors)
+                           + " -- fix them (tunelab doctor CONFIG explains each) or set doctor.strict: false")
+    return findings
+
+
+def train_checked(cfg: Config, overrides: list[str] | tuple[str, ...] = (), resume: bool = False, strict: bool = False,
+                  report: bool = True, console: Optional[Any] = None, **train_kw: Any) -> TrainResult:
+    """Doctor, train, report: what ``tunelab train`` does."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.doctor.enabled or strict:
+        run_doctor(cfg, strict)
+    atomic_write_json(cfg.run_dir / "overrides.json", list(overrides))
+    result = train(cfg, overrides, resume=resume, console=console, **train_kw)
+    if report:
+        out = write_run_report(cfg.run_dir)
+        print(f"report: {out}")
+    return result
