@@ -268,7 +268,7 @@ def knowledge(c: Context) -> list[Finding]:
     if f is None or not f.knowledge.fires:
         return []
     return [Finding("knowledge_injection", WARN, f"the completions look like facts to memorise: {f.knowledge.summary()}",
-                    "SFT teaches format and behaviour, not facts; facts fine-tuned in are recalled poorly and raise hallucination",
+                    "SFT teaches format and behaviour, not facts; consider retrieval (RAG). Facts fine-tuned in are recalled poorly and raise hallucination",
                     "consider retrieval (RAG): put the facts in a store and fine-tune, if at all, on answering from retrieved text",
                     "sft-format-not-facts")]
 
