@@ -128,6 +128,13 @@ class DoctorConfig:
 
 
 @dataclass
+class ReportConfig:
+    enabled: bool = _f(True, "Write runs/<name>/report.html (curves, doctor, audit, config, samples) at the end of tunelab train.")
+    samples: int = _f(3, "Eval prompts generated before (base) and after (trained) training for the report; 0: none.")
+    sample_tokens: int = _f(48, "Max new tokens per sample generation (greedy).")
+
+
+@dataclass
 class Config:
     name: str = _f("run", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: Optional[str] = _f(None, "Run directory (default runs/<name>).")
@@ -139,6 +146,7 @@ class Config:
     lora: LoraConfig = _f(factory=LoraConfig, doc="LoRA adapters.")
     train: TrainConfig = _f(factory=TrainConfig, doc="The training loop.")
     doctor: DoctorConfig = _f(factory=DoctorConfig, doc="The pre-training check (tunelab doctor).")
+    report: ReportConfig = _f(factory=ReportConfig, doc="The HTML report written at the end of a run.")
 
     # -- derived values: computed, never written back into the user's fields --
     @property

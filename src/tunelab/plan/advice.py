@@ -20,6 +20,7 @@ from .facts import DataFacts
 from .memory import Estimate, ModelShape, Workload, estimate, estimate_all, gb
 
 WORDS_TO_TOKENS = 1.5  # without a tokenizer the audit counts words; tokens are ~1.3-1.5 per English word
+HEADROOM = 0.9  # advise a setup that needs at most 90% of the memory: allocator fragmentation, other processes
 
 
 @dataclass
@@ -85,35 +86,31 @@ def advise(shape: ModelShape, facts: Optional[DataFacts], memory: int, device: s
     base = Workload("lora", rank, targets, min(8, eff), seq, 2048, compute_bytes, device, False, frac, True)
     estimates = estimate_all(shape, base)
     chosen: Optional[tuple[str, Workload, Estimate]] = None
-    for method in ("lora", "qlora"):
-        for bs in (min(8, eff), 4, 2, 1):
-            for tpp in (2048, max(seq, 512), seq):
-                for gc in (False, True):
-                    w = replace(base, method=method, batch_size=bs, tokens_per_pass=tpp, gradient_checkpointing=gc)
-                    e = estimate(shape, w)
-                    if e.total <= memory:
-                        chosen = (method, w, e)
-                        break
-                if chosen:
-                    break
-            if chosen:
-                break
-        if chosen:
+    # preference: LoRA before QLoRA; no checkpointing (it recomputes the forward) before smaller passes
+    # (max_tokens_per_pass: the same step, less memory) before smaller micro-batches
+    candidates = [(m, gc, tpp, bs) for m in ("lora", "qlora") for gc in (False, True)
+                  for bs in dict.fromkeys((min(8, eff), 4, 2, 1)) for tpp in dict.fromkeys((2048, max(seq, 512), seq))]
+    for method, gc, tpp, bs in candidates:
+        w = replace(base, method=method, batch_size=bs, tokens_per_pass=tpp, gradient_checkpointing=gc)
+        e = estimate(shape, w)
+        if e.total <= HEADROOM * memory:
+            chosen = (method, w, e)
             break
     here = f"{gb(memory)} ({device})"
     lines = ", ".join(f"{m} ~{gb(e.total)}" for m, e in estimates.items())
     if chosen is None:
-        reasons.insert(0, f"nothing fits {here} even at batch 1 with gradient checkpointing ({lines}): use a smaller model, "
+        reasons.insert(0, f"nothing fits 90% of {here} even at batch 1 with gradient checkpointing ({lines}): use a smaller model, "
                           "shorter sequences, or more memory (several GPUs with FSDP)")
         return Advice(None, rank, targets, lr, epochs, 1, eff, seq, seq, True, bool(facts and facts.knowledge.fires), None, estimates, reasons)
     method, w, e = chosen
     if method == "lora":
-        reasons.insert(0, f"method lora: it fits {here} (needs ~{gb(e.total)}; estimates at batch {base.batch_size}: {lines}); LoRA is the default, "
+        reasons.insert(0, f"method lora: it fits {here} with 10% headroom (needs ~{gb(e.total)}; at batch {base.batch_size}: {lines}); LoRA is the default, "
                           "QLoRA would cost quality and speed for memory that is not short")
         if estimates["full"].total <= memory and n is not None and n >= 50000:
             reasons.append(f"full fine-tuning also fits (~{gb(estimates['full'].total)}) and the data is large: worth a comparison run")
     else:
-        reasons.insert(0, f"method qlora: LoRA does not fit {here} (~{gb(estimates['lora'].total)}), QLoRA does (~{gb(e.total)}): "
+        reasons.insert(0, f"method qlora: LoRA does not fit 90% of {here} at any batch, pass size or with checkpointing "
+                          f"(~{gb(estimates['lora'].total)} at batch {base.batch_size}), QLoRA does (~{gb(e.total)}): "
                           "memory is the bottleneck, the case QLoRA is for")
         if device == "cpu":
             reasons.append("on the CPU QLoRA dequantizes every weight in every matmul: expect it several times slower than LoRA")

@@ -12,9 +12,10 @@ from what tunelab keeps for each kind of parameter (docs/practices.md#qlora-when
 * **optimizer**: AdamW's two fp32 moments, 8 bytes per trainable parameter;
 * **activations**: what backward needs, per token per layer, for the tokens of one
   forward/backward pass (``train.max_tokens_per_pass`` bounds them; an example longer than
-  that is a pass of its own): the layer input and the two norm inputs (3h), the attention's
-  q, k, v and output (2h + 2 kv), the LoRA inputs and dropout masks of each adapted module,
-  and the MLP's gate, up and product (3i); full fine-tuning adds every linear input.
+  that is a pass of its own). transformers' forward: the layer input and the two norm inputs
+  (3h), the attention's q, k, v and output (2h + 2 kv), the LoRA inputs and dropout masks of
+  each adapted module, and the MLP's gate, up and product (3i); full fine-tuning adds every
+  linear input. The fused CPU decoder (LoRA): 3h + 2 kv + 3i.
   Gradient checkpointing keeps one h per token per layer plus one layer's worth. Plus the
   logits of the trained positions (fp32 logits and their gradient);
 * **overhead**: the runtime itself: on the CPU, the resident size of a Python process with
@@ -222,18 +223,25 @@ def estimate(shape: ModelShape, w: Workload) -> Estimate:
     if w.tokens_per_pass:
         tokens = max(min(tokens, w.tokens_per_pass), w.seq_len)
     shapes = shape.linear_shapes()
-    per_layer = 3 * h + 2 * h + 2 * kv + 3 * i  # norms + layer input, attention q/k/v/out, MLP gate/up/product
-    if w.method == "full":
-        per_layer += 2 * h + i  # o_proj and down_proj inputs (q/k/v and gate/up share the norm output)
+    fused = w.device == "cpu" and w.fused_decoder and w.method == "lora"
+    if fused:
+        # kernels/fused_llama.py keeps what its hand-written backward needs: the layer input, q and
+        # the attention output (3h), k and v (2 kv), gate/up/product (3i); measured on the 135M:
+        # ~12 KB per token per layer in bf16, this gives 13.4 KB
+        per_layer = 3 * h + 2 * kv + 3 * i
     else:
-        per_layer += sum(shapes[m][0] for m in mods) * 1.5  # each adapter's dropped-out input + its mask
+        per_layer = 3 * h + 2 * h + 2 * kv + 3 * i  # norms + layer input, attention q/k/v/out, MLP gate/up/product
+        if w.method == "full":
+            per_layer += 2 * h + i  # o_proj and down_proj inputs (q/k/v and gate/up share the norm output)
+        else:
+            per_layer += sum(shapes[m][0] for m in mods) * 1.5  # each adapter's dropped-out input + its mask
     act_layer = cb * per_layer
     if w.gradient_checkpointing:
         activations = int(tokens * (L * cb * h + act_layer))
     else:
         activations = int(tokens * L * act_layer)
     trained = max(1, int(tokens * w.trained_fraction))
-    if w.device == "cpu" and w.fused_decoder and w.method != "full":
+    if fused:
         logits = 4 * min(trained, LINEAR_CE_CHUNK) * shape.vocab  # one fp32 (chunk, V) buffer
     else:
         logits = 2 * 4 * trained * shape.vocab  # fp32 logits and their gradient, trained positions only

@@ -14,6 +14,7 @@ from ..files import atomic_write_json
 from ..report import write_run_report
 from ..train.recipe import TrainResult, train
 from .doctor import ERROR, diagnose, summary_lines
+from .samples import write_samples
 
 
 class DoctorFailed(ConfigError):
@@ -40,7 +41,8 @@ def train_checked(cfg: Config, overrides: list[str] | tuple[str, ...] = (), resu
         run_doctor(cfg, strict)
     atomic_write_json(cfg.run_dir / "overrides.json", list(overrides))
     result = train(cfg, overrides, resume=resume, console=console, **train_kw)
-    if report:
+    if report and cfg.report.enabled:
+        write_samples(cfg)
         out = write_run_report(cfg.run_dir)
         print(f"report: {out}")
     return result
