@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from tunelab.plan.memory import GB, ModelShape, Workload, estimate_all
 REPO = Path(__file__).resolve().parents[2]
 SMOL = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30,
         "vocab_size": 49152, "tie_word_embeddings": True, "head_dim": 64, "model_type": "llama", "dtype": "float32"}
+ANCHORS = set(re.findall(r'<a id="([a-z0-9-]+)"></a>', (REPO / "docs" / "practices.md").read_text()))
 SEVEN_B = json.loads((REPO / "tests" / "fixtures" / "model_configs" / "llama-2-7b.json").read_text())
 
 
@@ -46,6 +48,7 @@ def codes(c: Context) -> dict[str, str]:
     out = {}
     for f in check(c):
         assert f.what and f.why and f.fix and f.link.startswith("docs/practices.md#"), f
+        assert f.anchor in ANCHORS, f"{f.code} cites docs/practices.md#{f.anchor}, which does not exist"
         out[f.code] = f.severity
     return out
 
