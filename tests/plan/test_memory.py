@@ -105,7 +105,10 @@ def _measure(tmp_path: Path, model: str, method: str, rows: list[dict], batch: i
                    "doctor: {enabled: false}\nreport: {enabled: false}\n")
     ctx = build_context(load_config(cfg)[0], device="cpu")
     est = ctx.estimates[method]
-    return est.total, _peak_rss(cfg), est
+    peak = _peak_rss(cfg)
+    print(f"{Path(model).name} {method}: estimate {est.total / GB:.3f} GB (train {est.train_peak / GB:.3f}, load {est.load_peak / GB:.3f}), "
+          f"measured peak RSS {peak / GB:.3f} GB, ratio {est.total / peak:.2f}")
+    return est.total, peak, est
 
 
 @pytest.mark.slow
