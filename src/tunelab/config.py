@@ -307,6 +307,9 @@ def _validate(obj: Any, where: str) -> None:
         if isinstance(obj.layers, str) and obj.layers != "all":
             if not (obj.layers.startswith("top:") and obj.layers[4:].isdigit() and int(obj.layers[4:]) > 0):
                 raise bad("layers", f"{obj.layers!r}: use all, top:N or a list of layer indices")
+    elif isinstance(obj, ReportConfig):
+        if obj.samples < 0 or obj.sample_tokens < 1:
+            raise bad("samples" if obj.samples < 0 else "sample_tokens", "must be >= 0 (samples) and >= 1 (sample_tokens)")
     elif isinstance(obj, TrainConfig):
         if obj.lr is not None and not 0 < obj.lr < 1:
             raise bad("lr", f"must be in (0, 1), got {obj.lr}")
