@@ -242,7 +242,7 @@ def estimate(shape: ModelShape, w: Workload) -> Estimate:
         activations = int(tokens * L * act_layer)
     trained = max(1, int(tokens * w.trained_fraction))
     if fused:
-        logits = 4 * min(trained, LINEAR_CE_CHUNK) * shape.vocab  # one fp32 (chunk, V) buffer
+        logits = (4 + cb) * min(trained, LINEAR_CE_CHUNK) * shape.vocab  # kernels/linear_ce.py: an fp32 and a compute-dtype (chunk, V) buffer
     else:
         logits = 2 * 4 * trained * shape.vocab  # fp32 logits and their gradient, trained positions only
     overhead = CPU_RUNTIME_BYTES if w.device == "cpu" else CUDA_CONTEXT_BYTES
