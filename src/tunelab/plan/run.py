@@ -14,6 +14,7 @@ from ..config import Config, ConfigError
 from ..files import atomic_write_json
 from ..report import write_run_report
 from ..train.recipe import TrainResult, train
+from ..train.rundir import holds_run
 from .doctor import ERROR, diagnose, summary_lines
 from .samples import write_samples
 
@@ -37,9 +38,10 @@ def run_doctor(cfg: Config, strict: bool = False, echo: Any = print, **kw: Any) 
     if _is_main():
         for line in summary_lines(findings):
             echo(line)
-        atomic_write_json(cfg.run_dir / "doctor.json", [f.to_dict() for f in findings])
     errors = [f for f in findings if f.severity == ERROR]
     if errors and (strict or cfg.doctor.strict):
+        if _is_main() and not holds_run(cfg.run_dir):  # never write into another run's folder
+            atomic_write_json(cfg.run_dir / "doctor.json", [f.to_dict() for f in findings])
         raise DoctorFailed(f"doctor (strict): {len(errors)} error finding(s): " + "; ".join(f"{f.code}: {f.what}" for f in errors)
                            + " -- fix them (tunelab doctor CONFIG explains each) or set doctor.strict: false")
     return findings
@@ -48,12 +50,12 @@ def run_doctor(cfg: Config, strict: bool = False, echo: Any = print, **kw: Any) 
 def train_checked(cfg: Config, overrides: list[str] | tuple[str, ...] = (), resume: bool = False, strict: bool = False,
                   report: bool = True, console: Optional[Any] = None, **train_kw: Any) -> TrainResult:
     """Doctor, train, report: what ``tunelab train`` does."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.doctor.enabled or strict:
-        run_doctor(cfg, strict)
-    if _is_main():
-        atomic_write_json(cfg.run_dir / "overrides.json", list(overrides))
+    findings = run_doctor(cfg, strict) if (cfg.doctor.enabled or strict) else None
     result = train(cfg, overrides, resume=resume, console=console, **train_kw)
+    if _is_main():  # written once the recipe owns the run dir (it refuses, or moves aside, an old run)
+        if findings is not None:
+            atomic_write_json(cfg.run_dir / "doctor.json", [f.to_dict() for f in findings])
+        atomic_write_json(cfg.run_dir / "overrides.json", list(overrides))
     if report and cfg.report.enabled and _is_main():
         write_samples(cfg)
         out = write_run_report(cfg.run_dir)
