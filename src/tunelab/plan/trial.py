@@ -21,11 +21,13 @@ def main(argv: list[str]) -> int:
     from ..config import load_config
     from ..files import atomic_write_json
     from ..train.recipe import train
+    from ..train.rundir import holds_run
 
     path, key = argv[0], argv[1]
     cfg, _ = load_config(path)
     t0 = time.perf_counter()
-    result = train(cfg)
+    # a trial rerun after an interruption: its partial run is moved aside (never deleted), as --overwrite does
+    result = train(cfg, overwrite=holds_run(cfg.run_dir))
     atomic_write_json(cfg.run_dir / "result.json", {"key": key, "eval_loss": result.best_eval, "best_step": result.best_step,
                                                      "steps": result.steps, "seconds": round(time.perf_counter() - t0, 1),
                                                      "threads": torch.get_num_threads()})
