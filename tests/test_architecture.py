@@ -31,6 +31,8 @@ LAYERS = {
     "train": 5,
     "infer": 6,
     "preview": 6,
+    "report": 6.3,  # reads run dirs; imports files only
+    "plan": 6.6,  # doctor, memory, advice, sweep, run (doctor -> train -> report)
     "cli": 7,
     "__main__": 8,
     "__init__": 8,

@@ -10,6 +10,7 @@ from typing import Optional
 
 from .audit.cli import add_audit_parser
 from .config import ConfigError, describe_full, load_config
+from .plan.cli import add_plan_parsers
 
 
 def _load(args: argparse.Namespace):
@@ -18,11 +19,11 @@ def _load(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, applied = _load(args)  # config errors first, before the heavy imports
+    from .plan.run import train_checked  # the doctor, the recipe, the HTML report
     from .train.guards import Interrupted, TrainingStopped
-    from .train.recipe import train
 
     try:
-        train(cfg, applied, resume=args.resume, overwrite=args.overwrite)
+        train_checked(cfg, applied, resume=args.resume, strict=args.strict, overwrite=args.overwrite)
     except Interrupted as e:
         again = " ".join(["tunelab train", args.config, *[f"--set {s}" for s in args.set or []], "--resume"])
         print(f"tunelab: {e}; resume with: {again}", file=sys.stderr)
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a run dir that holds a run (the old run is moved to <dir>.bak-<time>)")
+    t.add_argument("--strict", action="store_true", help="refuse to train on a doctor error finding (doctor.strict: true)")
     t.set_defaults(func=cmd_train)
 
     pv = sub.add_parser("preview", help="show rendered training examples with the trained tokens highlighted")
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd.set_defaults(func=cmd_config_doc)
 
     add_audit_parser(sub)
+    add_plan_parsers(sub)
     for parser in (p, *sub.choices.values()):  # before or after the verb
         parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help="show the libraries' progress bars and warnings")

@@ -122,6 +122,19 @@ class TrainConfig:
 
 
 @dataclass
+class DoctorConfig:
+    enabled: bool = _f(True, "Run the doctor (config lint against docs/practices.md, memory estimate) before training and print its findings.")
+    strict: bool = _f(False, "Refuse to train when the doctor finds an error (as tunelab train --strict).")
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = _f(True, "Write runs/<name>/report.html (curves, doctor, audit, config, samples) at the end of tunelab train.")
+    samples: int = _f(3, "Eval prompts generated before (base) and after (trained) training for the report; 0: none.")
+    sample_tokens: int = _f(48, "Max new tokens per sample generation (greedy).")
+
+
+@dataclass
 class Config:
     name: str = _f("run", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: Optional[str] = _f(None, "Run directory (default runs/<name>).")
@@ -132,6 +145,8 @@ class Config:
     data: DataConfig = _f(factory=DataConfig, doc="Datasets, masking and lengths.")
     lora: LoraConfig = _f(factory=LoraConfig, doc="LoRA adapters.")
     train: TrainConfig = _f(factory=TrainConfig, doc="The training loop.")
+    doctor: DoctorConfig = _f(factory=DoctorConfig, doc="The pre-training check (tunelab doctor).")
+    report: ReportConfig = _f(factory=ReportConfig, doc="The HTML report written at the end of a run.")
 
     # -- derived values: computed, never written back into the user's fields --
     @property
@@ -327,6 +342,9 @@ def _validate(obj: Any, where: str) -> list[tuple[str, str]]:
         if isinstance(obj.layers, str) and obj.layers != "all":
             if not (obj.layers.startswith("top:") and obj.layers[4:].isdigit() and int(obj.layers[4:]) > 0):
                 bad("layers", f"{obj.layers!r}: use all, top:N or a list of layer indices")
+    elif isinstance(obj, ReportConfig):
+        if obj.samples < 0 or obj.sample_tokens < 1:
+            bad("samples" if obj.samples < 0 else "sample_tokens", "must be >= 0 (samples) and >= 1 (sample_tokens)")
     elif isinstance(obj, TrainConfig):
         if obj.lr is not None and not 0 < obj.lr < 1:
             bad("lr", f"must be in (0, 1), got {obj.lr}")

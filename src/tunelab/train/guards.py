@@ -74,6 +74,7 @@ class NonFiniteGuard:
         norm = float(accelerator.clip_grad_norm_(params, max_grad_norm)) if max_grad_norm else grad_norm(params)
         if accelerator.num_processes > 1:  # every process must take the same decision
             norm = accelerator.reduce(torch.tensor(norm, device=accelerator.device), reduction="mean").item()
+        self.last_norm = norm  # the step's gradient norm (before clipping), for metrics.jsonl
         empty = n_trained == 0
         if not empty and not self.check(step, loss, norm, sources, last_checkpoint, rep.close):
             return False

@@ -21,7 +21,7 @@ from ..config import Config, dump_yaml, resolved_config
 from ..data.batching import MicroBatchStream, collate, split_by_tokens
 from ..data.pipeline import prepare_data
 from ..data.render import Renderer
-from ..files import atomic_write_text
+from ..files import atomic_write_json, atomic_write_text
 from ..models.build import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_trained
 from .guards import Interrupted, NonFiniteGuard, StopSignals, checkpoint_failed, disk_warning, drop_untrained
@@ -129,7 +129,9 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
     if accelerator.is_main_process:  # the resolved config: derived values filled in, reruns as is
         atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved_config(
             cfg, dtype=DTYPE_NAME.get(built.compute_dtype), eval_every=eval_every, save_every=save_every)))
-    run_once(accelerator, lambda: audit_for_training(cfg, renderer, data, rep, fast=False))  # data.audit: off | warn | strict (strict raises)
+    audit = run_once(accelerator, lambda: audit_for_training(cfg, renderer, data, rep, fast=False))  # data.audit: off | warn | strict (strict raises)
+    if audit is not None and accelerator.is_main_process:  # for the run's HTML report
+        atomic_write_json(run_dir / "audit_summary.json", {"summary": audit.summary(), "text": audit.summary_text()})
     if cfg.method == "qlora" and data.eval and ckpt is None:
         # What NF4 costs: the base's eval loss quantized vs unquantized (loads the latter briefly).
         if accelerator.is_main_process:
@@ -220,6 +222,7 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
             optimizer.zero_grad(set_to_none=True)  # no update from this batch
             state.skipped_nonfinite = nonfinite.skipped
             continue
+        grad_norm = nonfinite.last_norm
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -233,7 +236,7 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
         rep.step(state.step, train_loss, lr, tps)
         if state.step % cfg.train.log_every == 0:
             rep.metrics(event="train", step=state.step, epoch=state.micro / stream.per_epoch, lr=lr, train_loss=train_loss,
-                        trained_tokens=state.trained_tokens, tokens_per_s=tps)
+                        trained_tokens=state.trained_tokens, tokens_per_s=tps, grad_norm=grad_norm)
             result.tokens_per_s = tps
             t_log, tokens_since_log = time.perf_counter(), 0
 
@@ -263,6 +266,7 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
         if stop:
             rep.info(f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} evals; "
                      f"best {state.best_eval:.4f} at step {state.best_step}")
+            rep.metrics(event="early_stop", step=state.step, eval_loss=state.best_eval, best_step=state.best_step)
             result.stopped_early = True
             break
         if stop_at_step is not None and state.step >= stop_at_step:
