@@ -94,13 +94,13 @@ class _TextStream:
     comes with ``finish``. ``cancelled`` (set from another thread) stops generation.
     """
 
-    def __init__(self, tokenizer: Any, markers: Sequence[str], on_text: Optional[Callable[[str], None]]):
+    def __init__(self, tokenizer: Any, markers: Sequence[str], on_text: Optional[Callable[[str], None]], cancelled: Optional[threading.Event] = None):
         self.tok, self.markers, self.on_text = tokenizer, tuple(markers), on_text
         self.hold = max((len(m) for m in self.markers), default=1) - 1
         self.ids: list[int] = []
         self.sent = ""
         self.prompt_seen = False
-        self.cancelled = threading.Event()
+        self.cancelled = cancelled or threading.Event()
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call is the prompt
@@ -140,12 +140,13 @@ class _Cancelled:
 @torch.no_grad()
 def generate_one(loaded: Loaded, messages: Sequence[dict], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Sequence[str] = (), on_text: Optional[Callable[[str], None]] = None,
-                 stream: Optional[_TextStream] = None) -> Completion:
+                 cancelled: Optional[threading.Event] = None) -> Completion:
     """Complete one conversation's next assistant turn. Greedy when temperature == 0.
 
     Stops at the template's end of turn, or at any of ``stop`` (not included in the text).
     ``on_text`` receives the completion piece by piece as it becomes final (streaming); the
-    pieces joined equal ``Completion.text``.
+    pieces joined equal ``Completion.text``. Setting ``cancelled`` (from another thread) ends the
+    generation early.
     """
     from transformers import StoppingCriteriaList
 
@@ -155,9 +156,7 @@ def generate_one(loaded: Loaded, messages: Sequence[dict], max_new_tokens: int =
     markers = list(r.eot_markers) + [s for s in stop if s]
     multi_token_markers = [m for m in r.eot_markers if m not in tok.get_vocab()][:4] + [s for s in stop if s]
     ids = torch.tensor([r.prompt_ids(messages)], device=loaded.device)
-    stream = stream or _TextStream(tok, markers, on_text)
-    stream.markers, stream.on_text = tuple(markers), on_text
-    stream.hold = max(len(m) for m in markers) - 1
+    stream = _TextStream(tok, markers, on_text, cancelled)
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id or stop_ids[0],
                               streamer=stream, stopping_criteria=StoppingCriteriaList([_Cancelled(stream)]))
     if temperature > 0:
