@@ -129,6 +129,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_self_instruct(args: argparse.Namespace) -> int:
+    from .datagen.cli import run_self_instruct
+
+    return run_self_instruct(args)
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    from .datagen.cli import run_augment
+
+    return run_augment(args)
+
+
 def cmd_config_doc(args: argparse.Namespace) -> int:
     for key, default, doc in describe():
         print(f"{key:36} {default:24} {doc}")
@@ -189,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
     sv.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
     sv.set_defaults(func=cmd_serve)
+
+    from .datagen.cli import add_augment_parser, add_self_instruct_parser
+
+    add_self_instruct_parser(sub, cmd_self_instruct)
+    add_augment_parser(sub, cmd_augment)
 
     cd = sub.add_parser("config-doc", help="list every config key with its default and meaning")
     cd.set_defaults(func=cmd_config_doc)
