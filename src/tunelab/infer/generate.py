@@ -127,14 +127,22 @@ class _TextStream:
             self.on_text(final[len(self.sent):])
 
 
-class _Cancelled:
-    """A stopping criterion that ends generation once the stream is cancelled."""
+class _StopCriterion:
+    """Ends generation at an end-of-turn marker or a stop string that spans several tokens (by
+    decoding the last few tokens), or once the stream is cancelled. Cheaper than
+    ``stop_strings``, whose set-up scans the whole vocabulary on every call."""
 
-    def __init__(self, stream: _TextStream):
-        self.stream = stream
+    def __init__(self, stream: _TextStream, prompt_len: int):
+        self.stream, self.prompt_len = stream, prompt_len
+        self.window = max((len(m) for m in stream.markers), default=0) + 4
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.stream.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+        done = self.stream.cancelled.is_set()
+        if not done and self.stream.markers:
+            tail = input_ids[0, max(self.prompt_len, input_ids.shape[1] - self.window):].tolist()
+            text = self.stream.tok.decode(tail, skip_special_tokens=False)
+            done = any(m in text for m in self.stream.markers)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
@@ -154,17 +162,14 @@ def generate_one(loaded: Loaded, messages: Sequence[dict], max_new_tokens: int =
     tok = loaded.tokenizer
     stop_ids = r.stop_token_ids
     markers = list(r.eot_markers) + [s for s in stop if s]
-    multi_token_markers = [m for m in r.eot_markers if m not in tok.get_vocab()][:4] + [s for s in stop if s]
     ids = torch.tensor([r.prompt_ids(messages)], device=loaded.device)
     stream = _TextStream(tok, markers, on_text, cancelled)
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id or stop_ids[0],
-                              streamer=stream, stopping_criteria=StoppingCriteriaList([_Cancelled(stream)]))
+                              streamer=stream, stopping_criteria=StoppingCriteriaList([_StopCriterion(stream, ids.shape[1])]))
     if temperature > 0:
         kw.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if multi_token_markers:
-        kw.update(stop_strings=multi_token_markers, tokenizer=tok)
     out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     new = out[0, ids.shape[1]:].tolist()
     text = tok.decode(new, skip_special_tokens=False)
