@@ -21,6 +21,7 @@ def add_self_instruct_parser(sub: Any, func: Callable) -> argparse.ArgumentParse
     p.add_argument("--machine-k", type=int, default=d.machine_k, help=f"of which generated ones (default {d.machine_k})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"instruction prompts per round (default {d.batch_size})")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per instruction answer (default {d.max_tokens})")
+    p.add_argument("--instance-max-tokens", type=int, default=d.instance_max_tokens, help=f"tokens per instance answer (default {d.instance_max_tokens})")
     p.add_argument("--temperature", type=float, default=d.temperature, help=f"(default {d.temperature}, as the reference)")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"(default {d.top_p}, as the reference)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the in-context sampling")
@@ -56,7 +57,7 @@ def run_self_instruct(args: argparse.Namespace) -> int:
     _check(0 < args.k and 0 <= args.machine_k < args.k, "--k must be positive and --machine-k in [0, k)")
     _check(args.batch_size > 0, "--batch-size must be positive")
     opts = SelfInstructOptions(n=args.n, k=args.k, machine_k=args.machine_k, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                               instance_max_tokens=args.instance_max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     backend = backend_from_args(args)
     res = self_instruct(args.seed_tasks, args.out, backend, opts, progress=lambda s: print(s, file=sys.stderr, flush=True))
     st = res.stats
