@@ -147,7 +147,7 @@ def test_end_to_end_against_tunelab_serve(tmp_path, seeds, tokenizer):
         out = tmp_path / "si.jsonl"
         env = dict(os.environ, OMP_NUM_THREADS="1")
         r = subprocess.run([sys.executable, "-m", "tunelab", "self-instruct", "--seed-tasks", str(seeds), "--n", "20", "--out", str(out),
-                            "--base-url", server.url, "--model-name", "tiny", "--max-tokens", "40", "--instance-max-tokens", "24",
+                            "--base-url", server.url, "--model-name", "tiny", "--max-tokens", "24", "--instance-max-tokens", "12",
                             "--batch-size", "8", "--concurrency", "4"], capture_output=True, text=True, env=env, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "self-instruct: 20 generated records" in r.stdout and "data audit:" in r.stdout
