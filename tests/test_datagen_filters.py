@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from tunelab.datagen.filters import InstructionFilter, NearDupIndex, heuristic_reason
@@ -94,3 +95,11 @@ def test_near_dup_index_finds_pairs_at_the_audit_threshold():
     assert k == 0 and j == pytest.approx(9 / 11)
     assert idx.find("alpha beta gamma delta epsilon zeta eta theta mu nu")[1] is None  # 8/12
     assert idx.find("something else entirely")[1] is None
+    # the signature is the audit's, bit for bit
+    from datasketch.hashfunc import sha1_hash32
+
+    from tunelab.audit.neardup import signatures
+
+    ws = frozenset(base.split())
+    h = np.fromiter((sha1_hash32(w.encode()) for w in ws), dtype=np.uint32)
+    assert np.array_equal(idx._signature(ws), signatures(h, np.array([0, len(h)]), idx.num_perm, idx.seed)[0])

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..audit.neardup import band_params, signatures
+from ..audit.neardup import _fmix32, band_params
 from ..audit.normalize import normalize, words
 from .rouge import RougeIndex
 
@@ -51,12 +51,19 @@ class NearDupIndex:
         self.bands, self.rows = band_params(threshold, num_perm)
         self.buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(self.bands)]
         self.sets: list[frozenset] = []
+        from datasketch import MinHash
+
+        a, b = (np.asarray(x, dtype=np.uint32) for x in MinHash(num_perm=num_perm, seed=seed).permutations)
+        self._a, self._b = a[:, None], b[:, None]
 
     def _signature(self, ws: frozenset) -> np.ndarray:
+        """The audit's MinHash signature of one word set (``audit.neardup.signatures``, the
+        permutations kept instead of rebuilt per call, all of them in one broadcast)."""
         from datasketch.hashfunc import sha1_hash32
 
         h = np.fromiter((sha1_hash32(w.encode("utf-8", "surrogatepass")) for w in ws), dtype=np.uint32, count=len(ws))
-        return signatures(h, np.array([0, len(h)], dtype=np.int64), self.num_perm, self.seed)[0]
+        with np.errstate(over="ignore"):
+            return (self._a * _fmix32(h)[None, :] + self._b).min(axis=1)
 
     def _keys(self, sig: np.ndarray) -> list[bytes]:
         return [sig[b * self.rows:(b + 1) * self.rows].tobytes() for b in range(self.bands)]
