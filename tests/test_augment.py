@@ -29,7 +29,7 @@ class Rewriter:
         self.k = 0
         self.translate = translate
 
-    def complete(self, conversations, sampling):
+    def complete(self, conversations, sampling, on_done=None):
         out = []
         for conv in conversations:
             p = conv[-1]["content"]

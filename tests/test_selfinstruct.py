@@ -40,7 +40,7 @@ class Scripted:
         self.fail_at_call = fail_at_call
         self.prompts: list[str] = []
 
-    def complete(self, conversations, sampling):
+    def complete(self, conversations, sampling, on_done=None):
         self.calls += 1
         if self.fail_at_call and self.calls >= self.fail_at_call:
             raise KeyboardInterrupt  # the run is interrupted here

@@ -11,7 +11,7 @@ import argparse
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 from ..config import ConfigError
 from ..models.load import EMBEDDED_ALIASES
@@ -30,8 +30,8 @@ class Sampling:
 class Backend(Protocol):
     name: str
 
-    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling) -> list[str]:
-        """The next assistant turn of each conversation."""
+    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling, on_done: Optional[Callable[[], None]] = None) -> list[str]:
+        """The next assistant turn of each conversation; ``on_done()`` after each one."""
 
 
 class LocalBackend:
@@ -43,10 +43,15 @@ class LocalBackend:
         self.loaded = load_for_inference(run_or_model, template)
         self.name = run_or_model
 
-    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling) -> list[str]:
+    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling, on_done: Optional[Callable[[], None]] = None) -> list[str]:
         from ..infer.generate import generate
 
-        return generate(self.loaded, conversations, sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.stop)
+        out = []
+        for conv in conversations:
+            out += generate(self.loaded, [conv], sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.stop)
+            if on_done:
+                on_done()
+        return out
 
 
 class OpenAIBackend:
@@ -79,11 +84,17 @@ class OpenAIBackend:
             raise ConfigError(f"--base-url {self.base_url}: the server answered {e.status_code}: {e.message}") from None
         return r.choices[0].message.content or ""
 
-    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling) -> list[str]:
+    def complete(self, conversations: Sequence[list[dict]], sampling: Sampling, on_done: Optional[Callable[[], None]] = None) -> list[str]:
+        def one(c: list[dict]) -> str:
+            text = self._one(c, sampling)
+            if on_done:
+                on_done()
+            return text
+
         if len(conversations) <= 1 or self.concurrency == 1:
-            return [self._one(c, sampling) for c in conversations]
+            return [one(c) for c in conversations]
         with ThreadPoolExecutor(min(self.concurrency, len(conversations))) as pool:
-            return list(pool.map(lambda c: self._one(c, sampling), conversations))
+            return list(pool.map(one, conversations))
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:

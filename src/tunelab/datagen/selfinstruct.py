@@ -264,6 +264,25 @@ def self_instruct(seed_file: str | Path, out: str | Path, backend: Backend, opts
     appender = _Appender(out)
     new_records: list[dict] = []
     say = progress or (lambda s: None)
+
+    class Ticker:
+        """Progress inside a round (a slow model takes minutes per step): a line every 10 s."""
+
+        def __init__(self) -> None:
+            self.last = time.perf_counter()
+
+        def __call__(self, what: str, total: int) -> Callable[[], None]:
+            done = [0]
+
+            def tick() -> None:
+                done[0] += 1
+                now = time.perf_counter()
+                if now - self.last >= 10 or done[0] == total:
+                    self.last = now
+                    say(f"self-instruct round {rounds}: {what} {done[0]}/{total}")
+            return tick
+
+    tick = Ticker()
     try:
         if not existing:
             for s in seeds:
@@ -284,7 +303,8 @@ def self_instruct(seed_file: str | Path, out: str | Path, backend: Backend, opts
                 ctx = rng.sample([s.instruction for s in seeds], min(opts.k - mk, len(seeds))) + rng.sample(generated, mk)
                 rng.shuffle(ctx)
                 prompts.append([{"role": "user", "content": instruction_prompt(ctx)}])
-            answers = backend.complete(prompts, Sampling(opts.max_tokens, opts.temperature, opts.top_p, INSTRUCTION_STOPS))
+            answers = backend.complete(prompts, Sampling(opts.max_tokens, opts.temperature, opts.top_p, INSTRUCTION_STOPS),
+                                       tick("instruction prompts", len(prompts)))
             kept: list[str] = []
             for a in answers:
                 for ins in parse_instructions(a):
@@ -295,10 +315,11 @@ def self_instruct(seed_file: str | Path, out: str | Path, backend: Backend, opts
             if kept:
                 idle = 0
                 cls_answers = backend.complete([[{"role": "user", "content": classification_prompt(seeds, k, rng)}] for k in kept],
-                                               Sampling(8, 0.0, 1.0))
+                                               Sampling(8, 0.0, 1.0), tick("classification", len(kept)))
                 is_cls = [parse_yes_no(a) for a in cls_answers]
                 inst_answers = backend.complete([[{"role": "user", "content": instance_prompt(seeds, k, c, rng)}] for k, c in zip(kept, is_cls)],
-                                                Sampling(opts.instance_max_tokens, 0.0, 1.0, ("\nTask:", "Task:")))
+                                                Sampling(opts.instance_max_tokens, 0.0, 1.0, ("\nTask:", "Task:")),
+                                                tick("instances", len(kept)))
                 for ins, c, a in zip(kept, is_cls, inst_answers):
                     inp, outp = parse_instance(a, c)
                     if not outp.strip():
