@@ -39,8 +39,12 @@ class LocalBackend:
 
     def __init__(self, run_or_model: str, template: Optional[str] = None):
         from ..infer.generate import load_for_inference
+        from ..models.load import ModelError
 
-        self.loaded = load_for_inference(run_or_model, template)
+        try:
+            self.loaded = load_for_inference(run_or_model, template)
+        except ModelError as e:
+            raise ConfigError(f"--model: {e}") from None
         self.name = run_or_model
 
     def complete(self, conversations: Sequence[list[dict]], sampling: Sampling, on_done: Optional[Callable[[], None]] = None) -> list[str]:

@@ -51,11 +51,12 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def run_self_instruct(args: argparse.Namespace) -> int:
-    from .selfinstruct import SelfInstructOptions, self_instruct
+    from .selfinstruct import SelfInstructOptions, load_seed_tasks, self_instruct
 
     _check(args.n > 0, "--n must be positive")
     _check(0 < args.k and 0 <= args.machine_k < args.k, "--k must be positive and --machine-k in [0, k)")
     _check(args.batch_size > 0, "--batch-size must be positive")
+    load_seed_tasks(args.seed_tasks)  # a bad seed file fails before the model loads
     opts = SelfInstructOptions(n=args.n, k=args.k, machine_k=args.machine_k, batch_size=args.batch_size, max_tokens=args.max_tokens,
                                instance_max_tokens=args.instance_max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     backend = backend_from_args(args)
@@ -74,7 +75,16 @@ def run_self_instruct(args: argparse.Namespace) -> int:
 def run_augment(args: argparse.Namespace) -> int:
     from .augment import augment
 
+    from pathlib import Path
+
+    from ..data.formats import DataError
+
     _check(args.paraphrase >= 0, "--paraphrase must be >= 0")
+    _check(bool(args.paraphrase or args.back_translate), "augment: give --paraphrase N and/or --back-translate LANG")
+    if not Path(args.data).exists():  # fail before the model loads
+        raise DataError(args.data, "file not found")
+    if Path(args.out).exists():
+        raise FileExistsError(f"{args.out} exists; augment never overwrites a file, pick a new --out")
     backend = backend_from_args(args)
     res = augment(args.data, args.out, backend, args.paraphrase, args.back_translate, args.temperature,
                   progress=lambda s: print(s, file=sys.stderr, flush=True))

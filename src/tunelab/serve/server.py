@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from ..config import ConfigError
 from ..infer.generate import Loaded, generate_one, load_for_inference
+from ..models.load import ModelError
 from .app import Engine, build_app
 from .protocol import ChatRequest
 
@@ -53,11 +54,15 @@ def serve(run_or_model: str, host: str = "127.0.0.1", port: int = 8000, template
           max_queue: int = 16, max_tokens_limit: int = 2048) -> None:
     import uvicorn
 
-    loaded = load_for_inference(run_or_model, template)
+    sock = bind(host, port)  # first: a taken port fails before the model loads
+    try:
+        loaded = load_for_inference(run_or_model, template)
+    except ModelError as e:
+        sock.close()
+        raise ConfigError(f"serve: {e}") from None
     name = model_name or served_name(run_or_model)
     engine = engine_for(loaded, max_queue)
     app = build_app(engine, name, max_tokens_limit, {"template": loaded.renderer.template_name, "device": str(loaded.device)})
-    sock = bind(host, port)
     h, p = sock.getsockname()[:2]
     shown = f"[{h}]" if ":" in h else h
     print(f"tunelab serve: {name} (template {loaded.renderer.template_name}) listening on http://{shown}:{p}/v1", flush=True)
