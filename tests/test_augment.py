@@ -131,7 +131,7 @@ def test_cli_in_process_with_a_tiny_model(tmp_path, tokenizer):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = lambda *a: subprocess.run([sys.executable, "-m", "tunelab", "augment", str(data), *a, "--model", model], capture_output=True,
                                     text=True, env=env, timeout=600)
-    r = run("--paraphrase", "2", "--out", str(tmp_path / "p.jsonl"))
+    r = run("--paraphrase", "2", "--max-tokens", "12", "--out", str(tmp_path / "p.jsonl"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "augment: 3 records +" in r.stdout
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]

@@ -38,6 +38,7 @@ def add_augment_parser(sub: Any, func: Callable) -> argparse.ArgumentParser:
     p.add_argument("--back-translate", metavar="LANG", help="round trip through LANG (e.g. fr, or fr,de); needs a translation-capable model")
     p.add_argument("--out", required=True, help="output .jsonl: the originals (with ids) and their copies (augmented_from)")
     p.add_argument("--temperature", type=float, default=0.9, help="sampling temperature of the paraphrases (default 0.9)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per rewritten prompt (default 256)")
     add_backend_args(p)
     p.set_defaults(func=func)
     return p
@@ -86,7 +87,8 @@ def run_augment(args: argparse.Namespace) -> int:
     if Path(args.out).exists():
         raise FileExistsError(f"{args.out} exists; augment never overwrites a file, pick a new --out")
     backend = backend_from_args(args)
-    res = augment(args.data, args.out, backend, args.paraphrase, args.back_translate, args.temperature,
+    _check(args.max_tokens > 0, "--max-tokens must be positive")
+    res = augment(args.data, args.out, backend, args.paraphrase, args.back_translate, args.temperature, args.max_tokens,
                   progress=lambda s: print(s, file=sys.stderr, flush=True))
     other = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items()) if v and k != "augmented")
     print(f"augment: {res.originals} records + {res.augmented} augmented copies written to {res.out}" + (f" ({other})" if other else ""))
