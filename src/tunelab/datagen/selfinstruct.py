@@ -338,7 +338,7 @@ def self_instruct(seed_file: str | Path, out: str | Path, backend: Backend, opts
             atomic_write_json(sp, _stats_dict(filt, extra, len(generated), rounds, backend.name))
             rate = len(new_records) / max(time.perf_counter() - started, 1e-9)
             say(f"self-instruct round {rounds}: {len(generated)}/{opts.n} generated (+{len(kept)} kept this round, "
-                f"{rate:.2f} records/s); {_stats(filt, extra)}")
+                f"{rate * 60:.1f} records/min); {_stats(filt, extra)}")
     finally:
         appender.close()
     stats = _stats_dict(filt, extra, len(generated), rounds, backend.name)
