@@ -103,6 +103,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.server import serve
+
+    serve(args.run, args.host, args.port, args.template, args.model_name, args.max_queue, args.max_tokens_limit)
+    return 0
+
+
+def cmd_self_instruct(args: argparse.Namespace) -> int:
+    from .datagen.cli import run_self_instruct
+
+    return run_self_instruct(args)
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    from .datagen.cli import run_augment
+
+    return run_augment(args)
+
+
 def cmd_config_doc(args: argparse.Namespace) -> int:
     print(f"{'key':36} {'default':24} meaning\n{'':61}allowed values")
     for key, default, doc, allowed in describe_full():
@@ -161,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         g.add_argument("--top-p", type=float, default=1.0)
         g.set_defaults(func=fn)
+
+    sv = sub.add_parser("serve", help="serve a run or model over an OpenAI-compatible API (/v1/chat/completions)")
+    sv.add_argument("run", help="run dir, model dir, hub id, .gguf, or smollm2-135m-instruct")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    sv.add_argument("--template", help="override the template (default: the run's)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the run dir's name)")
+    sv.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
+    sv.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    sv.set_defaults(func=cmd_serve)
+
+    from .datagen.cli import add_augment_parser, add_self_instruct_parser
+
+    add_self_instruct_parser(sub, cmd_self_instruct)
+    add_augment_parser(sub, cmd_augment)
 
     cd = sub.add_parser("config-doc", help="list every config key with its default and meaning")
     cd.set_defaults(func=cmd_config_doc)

@@ -78,6 +78,23 @@ def find_duplicates(records: list[AuditRecord], views: TextViews) -> DupResult:
             res.leaks.append((r.idx, train_full[views.full_key[r.idx]], "exact"))
         elif views.prompt_key[r.idx] is not None and views.prompt_key[r.idx] in train_prompt:
             res.leaks.append((r.idx, train_prompt[views.prompt_key[r.idx]], "same prompt"))
+
+    # Augmented copies (tunelab augment): an eval record of the same family as a train record,
+    # i.e. one is augmented_from the other or both from the same original, however reworded.
+    leaked = {e for e, _, _ in res.leaks}
+    family, from_ids = {}, {}
+    for r in reversed(records):
+        if r.split == "train" and r.conv is not None and r.conv.group:
+            family[r.conv.group] = r.idx
+            if r.conv.augmented_from:
+                from_ids[r.conv.augmented_from] = r.idx
+    for r in records:
+        c = r.conv
+        if r.split != "eval" or c is None or r.idx in leaked or not c.group:
+            continue
+        t = family.get(c.augmented_from) if c.augmented_from else from_ids.get(c.group)
+        if t is not None:
+            res.leaks.append((r.idx, t, "augmented copy"))
     return res
 
 

@@ -77,6 +77,13 @@ class Conversation:
     task: Optional[str] = None
     text: Optional[str] = None  # raw text (format "text"): every token trained, used for replay
     source: str = ""  # file:line
+    id: Optional[str] = None  # the record's "id" field, when it has one
+    augmented_from: Optional[str] = None  # id of the record this one was augmented from (tunelab augment)
+
+    @property
+    def group(self) -> Optional[str]:
+        """The record's augmentation family: its original's id. Copies stay on one side of a split."""
+        return self.augmented_from or self.id
 
     @property
     def is_text(self) -> bool:
@@ -291,12 +298,13 @@ def to_conversation(rec: Record, fmt: str, default_task: Optional[str] = None) -
     if not any(all(k in d for k in alt) for alt in FORMAT_KEYS[fmt]):
         raise _unknown_format(rec, fmt)
     task = d.get("task") or d.get("category") or default_task
+    ids = {k: str(d[k]) for k in ("id", "augmented_from") if isinstance(d.get(k), (str, int)) and not isinstance(d.get(k), bool)}
     msgs: list[dict] = []
     if fmt == "text":
         text = _text(rec, "text")
         if not text.strip():
             raise DataError(rec.where, "empty text")
-        return Conversation(text=text, task=str(task) if task else None, source=rec.where)
+        return Conversation(text=text, task=str(task) if task else None, source=rec.where, **ids)
     if fmt == "alpaca":
         if d.get("system"):
             msgs.append({"role": "system", "content": _text(rec, "system")})
@@ -347,7 +355,7 @@ def to_conversation(rec: Record, fmt: str, default_task: Optional[str] = None) -
     for m in msgs:
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(rec.where, "empty assistant completion; remove the record or fill it in")
-    return Conversation(messages=msgs, task=str(task) if task else None, source=rec.where)
+    return Conversation(messages=msgs, task=str(task) if task else None, source=rec.where, **ids)
 
 
 def message_list(rec: Record) -> list[dict]:

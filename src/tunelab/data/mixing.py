@@ -9,27 +9,48 @@ from typing import Sequence, TypeVar
 T = TypeVar("T")
 
 
-def stratified_split(items: Sequence[T], fraction: float, seed: int, key=lambda x: getattr(x, "task", None)) -> tuple[list[T], list[T]]:
+def _group_of(x) -> object:
+    return getattr(x, "group", None)
+
+
+def stratified_split(items: Sequence[T], fraction: float, seed: int, key=lambda x: getattr(x, "task", None),
+                     group=_group_of) -> tuple[list[T], list[T]]:
     """Split off ``fraction`` of ``items`` for eval, the same fraction from every task.
 
-    Each task keeps at least one training example; a task with a single example stays in
-    train. Rounding is carried across tasks so the eval size matches ``fraction`` overall.
+    Group-aware: items whose ``group(item)`` is equal (not None) move together, so the
+    augmented copies of a record (``augmented_from``, see ``Conversation.group``) land on the
+    same side as their original and eval never holds a paraphrase of a train record. A group
+    belongs to the task of its first item. Each task keeps at least one training group; a task
+    with a single group stays in train. Rounding is carried across tasks so the eval size
+    matches ``fraction`` overall. With no groups (every item alone) the split is the same as
+    a plain per-task shuffle.
     """
     if fraction <= 0:
         return list(items), []
     rng = random.Random(seed)
-    groups: dict[object, list[int]] = defaultdict(list)
+    units: dict[object, list[int]] = {}  # group -> item indices, in order of first appearance
     for i, it in enumerate(items):
-        groups[key(it)].append(i)
+        g = group(it)
+        units.setdefault(("g", g) if g is not None else ("i", i), []).append(i)
+    by_task: dict[object, list[list[int]]] = defaultdict(list)
+    for members in units.values():
+        by_task[key(items[members[0]])].append(members)
     eval_idx: set[int] = set()
     carry = 0.0
-    for task in sorted(groups, key=str):
-        idx = groups[task][:]
-        rng.shuffle(idx)
-        want = len(idx) * fraction + carry
-        n = min(int(round(want)), len(idx) - 1)
-        carry = want - n
-        eval_idx.update(idx[:max(n, 0)])
+    for task in sorted(by_task, key=str):
+        groups = by_task[task][:]
+        rng.shuffle(groups)
+        size = sum(len(g) for g in groups)
+        want = size * fraction + carry
+        target = int(round(want))
+        taken = 0
+        for g in groups[:-1]:  # the last group of a task always stays in train
+            if taken >= target:
+                break
+            if taken + len(g) <= target or taken + len(g) - target < target - taken:
+                eval_idx.update(g)
+                taken += len(g)
+        carry = want - taken
     train = [it for i, it in enumerate(items) if i not in eval_idx]
     ev = [it for i, it in enumerate(items) if i in eval_idx]
     return train, ev

@@ -7,6 +7,7 @@ the end-of-turn token.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -75,78 +76,123 @@ def _qconfig(cfg: Config, dtype: torch.dtype) -> Any:
     return quantization_config(cfg, dtype)
 
 
-@torch.no_grad()
-def generate(loaded: Loaded, conversations: Sequence[list[dict]], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             on_text: Optional[Callable[[str], None]] = None) -> list[str]:
-    """Complete each conversation's next assistant turn. Greedy when temperature == 0.
+@dataclass
+class Completion:
+    """One generated assistant turn: its text (cut at the end of turn or a stop string)."""
 
-    ``on_text``: called with each new piece of the reply as it is generated (streaming); the
-    pieces add up to the returned text (end-of-turn markers never reach it)."""
-    r = loaded.renderer
-    tok = loaded.tokenizer
-    outs = []
-    stop_ids = r.stop_token_ids
-    multi_token_markers = [m for m in r.eot_markers if m not in tok.get_vocab()][:4]
-    for msgs in conversations:
-        ids = torch.tensor([r.prompt_ids(msgs)], device=loaded.device)
-        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id or stop_ids[0])
-        if temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if multi_token_markers:
-            kw.update(stop_strings=multi_token_markers, tokenizer=tok)
-        streamer = _Streamer(tok, r.eot_markers, on_text) if on_text is not None else None
-        if streamer is not None:
-            kw["streamer"] = streamer
-        out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
-        outs.append(_strip_eot(text, r.eot_markers))
-        if streamer is not None:
-            streamer.finish(outs[-1])
-    return outs
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) | "length" (max_new_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
 
 
-class _Streamer:
-    """A transformers streamer (``put``/``end``) that hands the reply's new text to ``emit``,
-    holding back what could be the start of an end-of-turn marker and stopping at one."""
+class _TextStream:
+    """A ``model.generate`` streamer that hands out text as it becomes final.
 
-    def __init__(self, tokenizer: Any, markers: Sequence[str], emit: Callable[[str], None]):
-        self.tok, self.markers, self.emit = tokenizer, [m for m in markers if m], emit
+    Text is held back while it could still be the start of an end-of-turn marker or a stop
+    string, so what has been handed out is always a prefix of the final completion; the rest
+    comes with ``finish``. ``cancelled`` (set from another thread) stops generation.
+    """
+
+    def __init__(self, tokenizer: Any, markers: Sequence[str], on_text: Optional[Callable[[str], None]], cancelled: Optional[threading.Event] = None):
+        self.tok, self.markers, self.on_text = tokenizer, tuple(markers), on_text
+        self.hold = max((len(m) for m in self.markers), default=1) - 1
         self.ids: list[int] = []
+        self.sent = ""
         self.prompt_seen = False
-        self.sent = 0  # characters of the stripped reply already emitted
-        self.hold = max((len(m) for m in self.markers), default=0)
+        self.cancelled = cancelled or threading.Event()
 
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call is the prompt
             self.prompt_seen = True
             return
-        self.ids.extend(int(x) for x in value.reshape(-1).tolist())
-        text = self.tok.decode(self.ids, skip_special_tokens=False)
-        cut = min([text.find(m) for m in self.markers if m in text] or [len(text)])
-        safe = cut if cut < len(text) else max(0, len(text) - self.hold)
-        if text[:safe].endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+        self.ids += value.reshape(-1).tolist()
+        if self.on_text is None:
             return
-        self._send(text[:safe].lstrip())
-
-    def _send(self, reply_so_far: str) -> None:
-        if len(reply_so_far) > self.sent:
-            self.emit(reply_so_far[self.sent:])
-            self.sent = len(reply_so_far)
+        text = self.tok.decode(self.ids, skip_special_tokens=False)
+        if _cut(text, self.markers) < len(text):
+            return  # a marker is complete: the rest comes with finish()
+        safe = text[: max(len(text) - self.hold, 0)].lstrip().rstrip()
+        if safe.endswith("\ufffd"):  # half a multi-byte character
+            return
+        if len(safe) > len(self.sent) and safe.startswith(self.sent):
+            self.on_text(safe[len(self.sent):])
+            self.sent = safe
 
     def end(self) -> None:
         pass
 
-    def finish(self, reply: str) -> None:
-        """Emit whatever of the final (stripped) reply has not been emitted yet."""
-        self._send(reply)
+    def finish(self, final: str) -> None:
+        if self.on_text is not None and final.startswith(self.sent) and len(final) > len(self.sent):
+            self.on_text(final[len(self.sent):])
 
 
-def _strip_eot(text: str, markers: Sequence[str]) -> str:
+class _StopCriterion:
+    """Ends generation at an end-of-turn marker or a stop string that spans several tokens (by
+    decoding the last few tokens), or once the stream is cancelled. Cheaper than
+    ``stop_strings``, whose set-up scans the whole vocabulary on every call."""
+
+    def __init__(self, stream: _TextStream, prompt_len: int):
+        self.stream, self.prompt_len = stream, prompt_len
+        self.window = max((len(m) for m in stream.markers), default=0) + 4
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kw: Any) -> torch.Tensor:
+        done = self.stream.cancelled.is_set()
+        if not done and self.stream.markers:
+            tail = input_ids[0, max(self.prompt_len, input_ids.shape[1] - self.window):].tolist()
+            text = self.stream.tok.decode(tail, skip_special_tokens=False)
+            done = any(m in text for m in self.stream.markers)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate_one(loaded: Loaded, messages: Sequence[dict], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] = (), on_text: Optional[Callable[[str], None]] = None,
+                 cancelled: Optional[threading.Event] = None) -> Completion:
+    """Complete one conversation's next assistant turn. Greedy when temperature == 0.
+
+    Stops at the template's end of turn, or at any of ``stop`` (not included in the text).
+    ``on_text`` receives the completion piece by piece as it becomes final (streaming); the
+    pieces joined equal ``Completion.text``. Setting ``cancelled`` (from another thread) ends the
+    generation early.
+    """
+    from transformers import StoppingCriteriaList
+
+    r = loaded.renderer
+    tok = loaded.tokenizer
+    stop_ids = r.stop_token_ids
+    markers = list(r.eot_markers) + [s for s in stop if s]
+    ids = torch.tensor([r.prompt_ids(messages)], device=loaded.device)
+    stream = _TextStream(tok, markers, on_text, cancelled)
+    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id or stop_ids[0],
+                              streamer=stream, stopping_criteria=StoppingCriteriaList([_StopCriterion(stream, ids.shape[1])]))
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    new = out[0, ids.shape[1]:].tolist()
+    text = tok.decode(new, skip_special_tokens=False)
+    cut = _cut(text, markers)
+    ended = cut < len(text) or (bool(new) and new[-1] in stop_ids)
+    final = text[:cut].strip()
+    stream.finish(final)
+    return Completion(final, "stop" if ended or stream.cancelled.is_set() else "length", ids.shape[1], len(new))
+
+
+def generate(loaded: Loaded, conversations: Sequence[list[dict]], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             stop: Sequence[str] = (), on_text: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Complete each conversation's next assistant turn. Greedy when temperature == 0.
+
+    ``on_text``: called with each new piece of a reply as it is generated (streaming); the
+    pieces add up to the returned text (end-of-turn markers never reach it)."""
+    return [generate_one(loaded, msgs, max_new_tokens, temperature, top_p, stop, on_text).text for msgs in conversations]
+
+
+def _cut(text: str, markers: Sequence[str]) -> int:
     cut = len(text)
     for m in markers:
         k = text.find(m)
         if k >= 0:
             cut = min(cut, k)
-    return text[:cut].strip()
+    return cut
