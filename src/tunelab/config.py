@@ -53,10 +53,18 @@ class DatasetEntry:
 
 
 @dataclass
+class ReplayConfig:
+    path: str = _f(None, "File of general text (format text: {text}) or instruction records; every token of a replay record is trained (LM loss).")
+    fraction: float = _f(0.05, "Share of the trained tokens that come from replay, in [0, 0.5].")
+    format: Literal["auto", "alpaca", "dolly", "flan", "sharegpt", "messages", "text"] = _f("auto", "Record format; auto detects it from the keys.")
+
+
+@dataclass
 class DataConfig:
     train: list[DatasetEntry] = _f(factory=list, doc="Training datasets: a list of {path, format, weight}.")
     eval: Optional[DatasetEntry] = _f(None, "Eval dataset {path, format}. Takes precedence over eval_fraction.")
-    eval_fraction: float = _f(0.0, "Fraction of the training data split off for eval, seeded and stratified by task.")
+    eval_fraction: Optional[float] = _f(None, "Fraction of the training data split off for eval, seeded and stratified by task. Default (null): 5%, at least 16 and at most 500 records, none when the data has fewer than 40 records. 0 turns the split off (and with it early stopping).")
+    replay: Optional[ReplayConfig] = _f(None, "Replay buffer {path, fraction}: general or pretraining text mixed into training to reduce forgetting (docs/practices.md#reg-replay).")
     on_error: Literal["raise", "skip"] = _f("raise", "Bad records: raise an error naming file:line, or skip them and report the count.")
     train_on: TrainOn = _f("assistant", "Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one, or all tokens.")
     max_seq_len: int = _f(1024, "Maximum tokens per example.")
@@ -110,6 +118,14 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    retention: Optional[str] = _f(None, "File (raw text or instruction data) measured on the base and the tuned model at the end of a run, written to runs/NAME/retention.json (docs/practices.md#overfit-forgetting).")
+    retention_max: int = _f(200, "Records of eval.retention used at most.")
+    generate_every: Optional[int] = _f(None, "Every N steps, generate on generate_sample train and held-out prompts and log exact match on both (the train/held-out gap over training).")
+    generate_sample: int = _f(16, "Prompts per side for generate_every.")
+
+
+@dataclass
 class Config:
     name: str = _f("run", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: Optional[str] = _f(None, "Run directory (default runs/<name>).")
@@ -119,6 +135,7 @@ class Config:
     data: DataConfig = _f(factory=DataConfig, doc="Datasets, masking and lengths.")
     lora: LoraConfig = _f(factory=LoraConfig, doc="LoRA adapters.")
     train: TrainConfig = _f(factory=TrainConfig, doc="The training loop.")
+    eval: EvalConfig = _f(factory=EvalConfig, doc="Evaluation beyond the eval loss: forgetting, generation during training.")
 
     # -- derived values: computed, never written back into the user's fields --
     @property
@@ -137,7 +154,7 @@ class Config:
 
     @property
     def has_eval(self) -> bool:
-        return self.data.eval is not None or self.data.eval_fraction > 0
+        return self.data.eval is not None or self.data.eval_fraction is None or self.data.eval_fraction > 0
 
     @property
     def early_stopping_on(self) -> bool:
@@ -167,7 +184,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: null is not allowed here")
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and tp is DatasetEntry:
+        if isinstance(value, str) and tp in (DatasetEntry, ReplayConfig):
             value = {"path": value}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
@@ -258,10 +275,21 @@ def _validate(obj: Any, where: str) -> None:
         if obj.weight <= 0:
             raise bad("weight", f"must be > 0, got {obj.weight}")
     elif isinstance(obj, DataConfig):
-        if not 0.0 <= obj.eval_fraction < 1.0:
+        if obj.eval_fraction is not None and not 0.0 <= obj.eval_fraction < 1.0:
             raise bad("eval_fraction", f"must be in [0, 1), got {obj.eval_fraction}")
         if obj.max_seq_len < 8:
             raise bad("max_seq_len", f"must be >= 8, got {obj.max_seq_len}")
+    elif isinstance(obj, ReplayConfig):
+        if not obj.path:
+            raise bad("path", "data.replay needs a path to a file of general text")
+        if not 0.0 < obj.fraction <= 0.5:
+            raise bad("fraction", f"a share of the trained tokens in (0, 0.5], got {obj.fraction}")
+    elif isinstance(obj, EvalConfig):
+        for k in ("retention_max", "generate_sample"):
+            if getattr(obj, k) < 1:
+                raise bad(k, f"must be >= 1, got {getattr(obj, k)}")
+        if obj.generate_every is not None and obj.generate_every < 1:
+            raise bad("generate_every", f"must be >= 1, got {obj.generate_every}")
     elif isinstance(obj, LoraConfig):
         if obj.rank < 1:
             raise bad("rank", f"must be >= 1, got {obj.rank}")
@@ -345,16 +373,18 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
-    def fix(entry: Optional[DatasetEntry]) -> Optional[DatasetEntry]:
-        if entry is None:
-            return None
-        p = Path(os.path.expanduser(entry.path))
+    def path(s: str) -> str:
+        p = Path(os.path.expanduser(s))
         if not p.is_absolute() and not p.exists() and (base / p).exists():
             p = base / p
-        return dataclasses.replace(entry, path=str(p))
+        return str(p)
 
-    data = dataclasses.replace(cfg.data, train=[fix(e) for e in cfg.data.train], eval=fix(cfg.data.eval))
-    return dataclasses.replace(cfg, data=data)
+    def fix(entry: Any) -> Any:
+        return None if entry is None else dataclasses.replace(entry, path=path(entry.path))
+
+    data = dataclasses.replace(cfg.data, train=[fix(e) for e in cfg.data.train], eval=fix(cfg.data.eval), replay=fix(cfg.data.replay))
+    ev = dataclasses.replace(cfg.eval, retention=path(cfg.eval.retention)) if cfg.eval.retention else cfg.eval
+    return dataclasses.replace(cfg, data=data, eval=ev)
 
 
 def config_from_dict(d: dict) -> Config:

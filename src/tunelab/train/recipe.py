@@ -20,10 +20,12 @@ from ..audit import audit_for_training
 from ..config import Config, dump_yaml
 from ..data.batching import MicroBatchStream, collate, split_by_tokens
 from ..data.pipeline import prepare_data
+from ..data.replay import replay_share
 from ..data.render import Renderer
 from ..files import atomic_write_text
 from ..models.build import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_trained
+from .diagnosis import Diagnoser, RunContext
 from .distributed import equalize_passes, full_optimizer_state, full_trainable_state, is_fsdp, load_optimizer_state, make_accelerator, run_once
 from .evaluate import autocast_for, loss_sums
 from .loss import CausalLMLoss
@@ -58,6 +60,8 @@ class TrainResult:
     train_seconds: float = 0.0  # wall time of the training steps (no eval, no setup)
     train_cpu_seconds: float = 0.0  # CPU time of this process over the same span (all threads)
     real_tokens: int = 0  # non-pad tokens fed to the model over the run
+    replay_share: Optional[float] = None  # share of the trained tokens that were replay (data.replay)
+    findings: list = field(default_factory=list)  # diagnosis findings (train/diagnosis.py)
 
 
 def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool = False, stop_at_step: Optional[int] = None, console: Optional[Console] = None) -> TrainResult:
@@ -87,6 +91,9 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     renderer = Renderer.from_config(tokenizer, cfg)
     data = prepare_data(cfg, renderer)
     rep.info(f"data: {data.formats}; train {data.train_stats.summary()}" + (f"; eval {data.eval_stats.summary()}" if data.eval_stats else ""))
+    rep.info(data.eval_note)
+    if data.replay is not None:
+        rep.info(data.replay.summary())
     if data.skipped:
         rep.warn(f"{len(data.skipped)} bad records skipped (data.on_error: skip), first: {data.skipped[:3]}")
     run_once(accelerator, lambda: audit_for_training(cfg, renderer, data, rep))  # data.audit: off | warn | strict (strict raises)
@@ -107,6 +114,10 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     scheduler = make_scheduler(optimizer, total_steps, cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio)
     eval_every = cfg.train.eval_every or max(1, total_steps // 10)
     save_every = cfg.train.save_every or eval_every
+    diag = Diagnoser(RunContext(total_steps, len(data.train), cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio,
+                                cfg.train.early_stopping.patience))
+    for f in diag.start():
+        rep.finding(f)
     loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix,
                            padding_free=cfg.train.padding_free, kernels=cfg.train.kernels)
     rep.info(f"fast path: {loss_fn.path}")
@@ -171,8 +182,7 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
             step_loss += weight * loss_sum.detach().double()
             tokens_since_log += int(weight) * b.n_real
             result.real_tokens += int(weight) * b.n_real
-        if cfg.train.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+        grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or math.inf))  # inf: measured, not clipped
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -187,9 +197,11 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
         rep.step(state.step, train_loss, lr, tps)
         if state.step % cfg.train.log_every == 0:
             rep.metrics(event="train", step=state.step, epoch=state.micro / stream.per_epoch, lr=lr, train_loss=train_loss,
-                        trained_tokens=state.trained_tokens, tokens_per_s=tps)
+                        trained_tokens=state.trained_tokens, tokens_per_s=tps, grad_norm=grad_norm)
             result.tokens_per_s = tps
             t_log, tokens_since_log = time.perf_counter(), 0
+        for f in diag.train_step(state.step, train_loss, grad_norm):
+            rep.finding(f)
 
         # ------------------------------------------------------------ eval, early stopping
         stop = False
@@ -198,6 +210,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
             ev = evaluate()
             result.eval_losses.append((state.step, ev))
             rep.metrics(event="eval", step=state.step, epoch=state.micro / stream.per_epoch, lr=lr, eval_loss=ev, trained_tokens=state.trained_tokens)
+            for f in diag.eval(state.step, ev):
+                rep.finding(f)
             if ev < state.best_eval - cfg.train.early_stopping.min_delta:
                 state.best_eval, state.best_step, state.bad_evals = ev, state.step, 0
                 save_best()
@@ -227,7 +241,12 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     if not data.eval:
         save_best()  # no eval set: the final weights are the result
     accelerator.wait_for_everyone()
-    result.steps, result.best_step = state.step, state.best_step
+    result.steps, result.best_step, result.findings = state.step, state.best_step, diag.findings
+    if data.replay is not None:
+        replayed, trained = replay_share(data.train, [stream[g] for g in range(state.micro)])
+        result.replay_share = replayed / max(trained, 1)
+        rep.info(f"replay: {100 * result.replay_share:.1f}% of the {trained} trained tokens (asked {100 * data.replay.fraction:.1f}%)")
+        rep.metrics(event="replay", step=state.step, replay_share=result.replay_share, replay_tokens=replayed, trained_tokens=trained)
     result.best_eval = state.best_eval if math.isfinite(state.best_eval) else None
     mem = peak_memory_bytes(device)
     rep.info(f"done: {state.step} steps; " + (f"best eval loss {result.best_eval:.4f} at step {state.best_step}; " if result.best_eval is not None else "")

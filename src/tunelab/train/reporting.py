@@ -75,12 +75,12 @@ class Reporter:
     def start(self, total_steps: int, first_step: int = 0) -> None:
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"), TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
             disable=not self.console.is_terminal,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=total_steps, completed=first_step, loss="-", lr="-", tps="-")
+        self._task = self._progress.add_task("train", total=total_steps, completed=first_step, loss="-", eval="-", lr="-", tps="-")
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         if self._progress is not None:
@@ -94,6 +94,11 @@ class Reporter:
                 row[k] = None
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if row.get("event") == "eval" and row.get("eval_loss") is not None:
+            if self._progress is not None:
+                self._progress.update(self._task, eval=f"{row['eval_loss']:.4f}")
+            if self.console.is_terminal:  # above the live bar, as it happens
+                self.console.print(f"  step {row['step']}  eval_loss {row['eval_loss']:.4g}", highlight=False)
         if not self.console.is_terminal and row.get("event") in ("train", "eval"):
             # No live bar (CI, pipes): one plain line per logged event.
             parts = [f"step {row['step']}"]
@@ -101,6 +106,11 @@ class Reporter:
                 if row.get(k) is not None:
                     parts.append(f"{k} {row[k]:.4g}")
             self.console.print("  " + "  ".join(parts), highlight=False)
+
+    def finding(self, f: Any) -> None:
+        """A diagnosis finding (train/diagnosis.py): printed once, and an event in metrics.jsonl."""
+        self.console.print(f"[yellow]diagnosis:[/yellow] {f.text()}", highlight=False)
+        self.metrics(**f.event())
 
     def close(self) -> None:
         if self._progress is not None:
@@ -120,6 +130,7 @@ class NullReporter(Reporter):
     def start(self, *a: Any, **k: Any) -> None: ...
     def step(self, *a: Any, **k: Any) -> None: ...
     def metrics(self, **values: Any) -> None: ...
+    def finding(self, f: Any) -> None: ...
     def close(self) -> None: ...
 
 
