@@ -44,10 +44,11 @@ class ReplayStats:
                 f"trained tokens = {100 * self.achieved:.1f}% (asked {100 * self.fraction:.1f}%)")
 
 
-def _windows(ex: EncodedExample, max_len: int) -> list[EncodedExample]:
+def windows(ex: EncodedExample, max_len: int) -> list[EncodedExample]:
+    """``ex`` cut into pieces of at most ``max_len`` tokens (raw text: every token trained)."""
     if len(ex) <= max_len:
         return [ex]
-    return [EncodedExample(ex.input_ids[s:s + max_len], ex.labels[s:s + max_len], REPLAY_TASK, ex.source, truncated=True)
+    return [EncodedExample(ex.input_ids[s:s + max_len], ex.labels[s:s + max_len], ex.task, ex.source, truncated=True)
             for s in range(0, len(ex), max_len) if len(ex) - s >= 2]
 
 
@@ -62,7 +63,7 @@ def replay_examples(cfg: ReplayConfig, renderer: Renderer, task: Sequence[Encode
     all_tokens = copy.copy(renderer)
     all_tokens.train_on = "all"  # LM loss on every token of a replay record
     encoded, _ = all_tokens.encode_many(ds.conversations, None, "drop")
-    pool = [w for ex in encoded for w in _windows(EncodedExample(ex.input_ids, ex.labels, REPLAY_TASK, ex.source), max_len)]
+    pool = [w for ex in encoded for w in windows(EncodedExample(ex.input_ids, ex.labels, REPLAY_TASK, ex.source), max_len)]
     task_tokens = sum(e.n_trained for e in task)
     target = cfg.fraction * task_tokens / (1.0 - cfg.fraction)
     out: list[EncodedExample] = []

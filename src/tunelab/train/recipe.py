@@ -116,6 +116,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     save_every = cfg.train.save_every or eval_every
     diag = Diagnoser(RunContext(total_steps, len(data.train), cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio,
                                 cfg.train.early_stopping.patience))
+    if ckpt is None:
+        rep.metrics(event="run", step=0, total_steps=total_steps, n_train=len(data.train), n_eval=len(data.eval))
     for f in diag.start():
         rep.finding(f)
     loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix,
