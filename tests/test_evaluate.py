@@ -158,6 +158,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(memorized_run):
     assert one[:8] == WORDS  # the memorized answers, stopped at end of turn
 
 
+@pytest.mark.slow
 def test_cli_eval_and_diagnose(overfit_run, memorized_run, files, tmp_path):
     cfg, res = overfit_run
     out = tmp_path / "eval.json"
@@ -181,19 +182,27 @@ def test_cli_eval_and_diagnose(overfit_run, memorized_run, files, tmp_path):
     assert "diagnosis: overfitting at step" in d.stdout and "docs/practices.md#overfit-curves" in d.stdout
     assert "* train loss" in d.stdout and "o eval loss" in d.stdout
 
-    bad = subprocess.run([sys.executable, "-m", "tunelab", "eval", files["model"]], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "needs --data FILE" in bad.stderr and "Traceback" not in bad.stderr
+
+def test_eval_of_a_bare_model_without_data_is_one_line(files, capsys):
+    from tunelab.cli import main
+
+    assert main(["eval", files["model"]]) == 2
+    err = capsys.readouterr().err
+    assert "needs --data FILE" in err and "Traceback" not in err and err.count("\n") == 1
 
 
-def test_retention_in_the_config_runs_at_the_end_of_a_run(files, tmp_path):
+def test_retention_in_the_config_runs_at_the_end_of_a_run(files, tmp_path, capsys):
+    from tunelab.cli import main
+
     run = tmp_path / "ret"
     cfg_path = tmp_path / "ret.yaml"
     cfg_path.write_text(f"output_dir: {run}\ntemplate: chatml\nmodel: {{name: {files['model']}, dtype: fp32}}\n"
                         f"data: {{train: [{{path: {files['train']}}}], audit: off}}\n"
                         f"lora: {{rank: 4, dropout: 0.0}}\ntrain: {{max_steps: 3, batch_size: 8, lr: 1e-2}}\n"
                         f"eval: {{retention: {files['general']}}}\n")
-    p = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg_path)], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
+    assert main(["train", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
     r = json.loads((run / "retention.json").read_text())
     assert r["kind"] == "text" and r["base"]["tokens"] > 0 and "ppl" in r["delta"]
-    assert "eval: none: 8 training records are fewer than 40" in p.stdout
+    assert r["delta"]["ppl"] == pytest.approx(r["tuned"]["ppl"] - r["base"]["ppl"])
+    assert "eval: none: 8 training records are fewer than 40" in out and "forgetting on general.jsonl" in out

@@ -82,12 +82,12 @@ def gap_table(train: dict, held: Optional[dict]) -> Table:
 def run_eval(args: Any, console: Optional[Console] = None) -> dict:
     console = console or Console()
     metrics = parse_metrics(args.metrics)
-    loaded = load_for_inference(args.run)
-    is_run = loaded.config is not None
+    is_run = (Path(args.run) / "config.yaml").exists()
     if not is_run and not args.data:
         raise ConfigError(f"eval {args.run}: a model (not a run dir) needs --data FILE")
     if not is_run and (args.paraphrases or args.retention):
         raise ConfigError(f"eval {args.run}: --paraphrases and --retention need a run dir (its training data and base model)")
+    loaded = load_for_inference(args.run)
     out: dict[str, Any] = {"target": args.run, "metrics": metrics}
     seed = loaded.config.train.seed if is_run else 0
     with _Bar(console) as bar:

@@ -105,19 +105,19 @@ def generate_batched(loaded: Loaded, conversations: Sequence[list[dict]], max_ne
     length (little padding), left-padded with an attention mask (transformers derives the
     positions from it), decoded with the KV cache, each row stopping at its end-of-turn token.
     The same tokens as :func:`generate` one prompt at a time (up to float rounding; exact in
-    fp32 in the tests). ``on_batch(n)`` is called with the number of prompts done, for a
-    progress bar. Returns the completions in the order given, end-of-turn markers stripped."""
+    fp32 in the tests). End-of-turn markers that are no single token (other templates' markers
+    written as text) do not stop a row early as :func:`generate`'s ``stop_strings`` do (that
+    check costs more than it saves here), but the text is cut at the first one all the same, so
+    the result is the same string. ``on_batch(n)`` is called with the number of prompts done,
+    for a progress bar. Returns the completions in the order given, end-of-turn markers stripped."""
     r, tok = loaded.renderer, loaded.tokenizer
     stop_ids = r.stop_token_ids
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
-    multi_token_markers = [m for m in r.eot_markers if m not in tok.get_vocab()][:4]
     prompts = [r.prompt_ids(m) for m in conversations]
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     outs: list[str] = [""] * len(prompts)
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad, do_sample=False,
                               temperature=None, top_p=None, top_k=None, use_cache=True)
-    if multi_token_markers:
-        kw.update(stop_strings=multi_token_markers, tokenizer=tok)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         width = max(len(prompts[i]) for i in idx)
