@@ -71,3 +71,33 @@ def test_replay_fraction_defaults_and_is_validated(tmp_path):
     assert config_from_dict({"data": {"replay": {"path": "g.jsonl"}}}).data.replay.fraction == 0.05
     with pytest.raises(ConfigError, match="fraction"):
         config_from_dict({"data": {"replay": {"path": "g.jsonl", "fraction": 0.9}}})
+
+
+def test_a_run_reports_the_replay_share_it_achieved_and_preview_shows_it(tmp_path, tiny_model_dir):
+    import io
+    import subprocess
+    import sys
+
+    from rich.console import Console
+
+    from tunelab.train.recipe import train
+
+    f = write_jsonl(tmp_path / "d.jsonl", _rows(200))
+    replay = _replay_file(tmp_path)
+    cfg_d = {"name": "rp", "output_dir": str(tmp_path / "run"), "template": "chatml", "model": {"name": tiny_model_dir, "dtype": "fp32"},
+             "data": {"train": [{"path": str(f)}], "replay": {"path": str(replay), "fraction": 0.1}, "audit": "warn"},
+             "lora": {"rank": 4}, "train": {"epochs": 1, "batch_size": 8, "seed": 0, "early_stopping": {"enabled": False}, "eval_every": 1000}}
+    buf = io.StringIO()
+    res = train(config_from_dict(cfg_d), console=Console(file=buf, width=200))
+    out = buf.getvalue()
+    assert abs(res.replay_share - 0.1) <= 0.01
+    assert f"replay: {100 * res.replay_share:.1f}% of the" in out and "(asked 10.0%)" in out
+    assert "replay general.jsonl:" in out  # in the audit summary
+    assert "eval: no data.eval, so 16 of 200 training records are held out" in out
+
+    import yaml
+    cfg_path = tmp_path / "rp.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg_d))
+    p = subprocess.run([sys.executable, "-m", "tunelab", "preview", str(cfg_path), "-n", "1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "replay general.jsonl:" in p.stdout and "quick brown fox" in p.stdout

@@ -50,10 +50,16 @@ def audit_for_training(cfg: Any, renderer: Any = None, data: Any = None, rep: An
     evals = [cfg.data.eval] if cfg.data.eval is not None else []
     info = renderer_info(renderer, cfg.model.name) if renderer is not None else {"unit": "words", "note": "no renderer given"}
     report = run_audit(cfg.data.train, evals, renderer=renderer, options=opts, tokenizer_info=info, eval_where=eval_where)
+    summary = report.rich_summary()
+    if data is not None and getattr(data, "replay", None) is not None:
+        from rich.console import Group
+        from rich.text import Text
+
+        summary = Group(summary, Text(data.replay.summary()))  # data.replay: in the summary, not audited as task data
     if rep is not None:
-        rep.info(report.rich_summary())
+        rep.info(summary)
     elif console is not None:
-        console.print(report.rich_summary())
+        console.print(summary)
     if report.has_errors:
         if mode == "strict":
             raise AuditFailed(report)

@@ -56,8 +56,9 @@ def replay_examples(cfg: ReplayConfig, renderer: Renderer, task: Sequence[Encode
                     on_error: str = "raise") -> tuple[list[EncodedExample], ReplayStats]:
     """Replay examples whose trained tokens make up ``cfg.fraction`` of (task + replay) tokens.
 
-    Windows are drawn in a seeded order, cycling through the file when it is too small, and
-    the last one is kept only when it brings the share closer to the target.
+    Windows are drawn in a seeded order, cycling through the file when it is too small; one
+    that would overshoot the target by more than leaving it out undershoots is skipped for a
+    shorter one, until a whole pass adds nothing.
     """
     ds = load_dataset_file(cfg.path, cfg.format, on_error, task=REPLAY_TASK)
     all_tokens = copy.copy(renderer)
@@ -67,19 +68,20 @@ def replay_examples(cfg: ReplayConfig, renderer: Renderer, task: Sequence[Encode
     task_tokens = sum(e.n_trained for e in task)
     target = cfg.fraction * task_tokens / (1.0 - cfg.fraction)
     out: list[EncodedExample] = []
-    got = 0
+    got, skipped = 0, 0
     rng = random.Random(seed)
     order: list[int] = []
-    while pool and got < target:
+    while pool and got < target and skipped < len(pool):
         if not order:
             order = list(range(len(pool)))
             rng.shuffle(order)
         ex = pool[order.pop()]
         n = ex.n_trained
         if got + n > target and (got + n - target) > (target - got):
-            break  # this one overshoots by more than stopping undershoots
+            skipped += 1  # overshoots by more than leaving it out undershoots: try a shorter one
+            continue
         out.append(ex)
-        got += n
+        got, skipped = got + n, 0
     return out, ReplayStats(cfg.path, cfg.fraction, len(out), len(pool), got, task_tokens)
 
 

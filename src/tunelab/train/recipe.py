@@ -92,8 +92,8 @@ def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool
     data = prepare_data(cfg, renderer)
     rep.info(f"data: {data.formats}; train {data.train_stats.summary()}" + (f"; eval {data.eval_stats.summary()}" if data.eval_stats else ""))
     rep.info(data.eval_note)
-    if data.replay is not None:
-        rep.info(data.replay.summary())
+    if data.replay is not None and cfg.data.audit == "off":
+        rep.info(data.replay.summary())  # else the audit summary shows it
     if data.skipped:
         rep.warn(f"{len(data.skipped)} bad records skipped (data.on_error: skip), first: {data.skipped[:3]}")
     run_once(accelerator, lambda: audit_for_training(cfg, renderer, data, rep))  # data.audit: off | warn | strict (strict raises)
