@@ -121,8 +121,6 @@ class TrainConfig:
 class EvalConfig:
     retention: Optional[str] = _f(None, "File (raw text or instruction data) measured on the base and the tuned model at the end of a run, written to runs/NAME/retention.json (docs/practices.md#overfit-forgetting).")
     retention_max: int = _f(200, "Records of eval.retention used at most.")
-    generate_every: Optional[int] = _f(None, "Every N steps, generate on generate_sample train and held-out prompts and log exact match on both (the train/held-out gap over training).")
-    generate_sample: int = _f(16, "Prompts per side for generate_every.")
 
 
 @dataclass
@@ -135,7 +133,7 @@ class Config:
     data: DataConfig = _f(factory=DataConfig, doc="Datasets, masking and lengths.")
     lora: LoraConfig = _f(factory=LoraConfig, doc="LoRA adapters.")
     train: TrainConfig = _f(factory=TrainConfig, doc="The training loop.")
-    eval: EvalConfig = _f(factory=EvalConfig, doc="Evaluation beyond the eval loss: forgetting, generation during training.")
+    eval: EvalConfig = _f(factory=EvalConfig, doc="Evaluation beyond the eval loss: forgetting at the end of a run.")
 
     # -- derived values: computed, never written back into the user's fields --
     @property
@@ -285,11 +283,8 @@ def _validate(obj: Any, where: str) -> None:
         if not 0.0 < obj.fraction <= 0.5:
             raise bad("fraction", f"a share of the trained tokens in (0, 0.5], got {obj.fraction}")
     elif isinstance(obj, EvalConfig):
-        for k in ("retention_max", "generate_sample"):
-            if getattr(obj, k) < 1:
-                raise bad(k, f"must be >= 1, got {getattr(obj, k)}")
-        if obj.generate_every is not None and obj.generate_every < 1:
-            raise bad("generate_every", f"must be >= 1, got {obj.generate_every}")
+        if obj.retention_max < 1:
+            raise bad("retention_max", f"must be >= 1, got {obj.retention_max}")
     elif isinstance(obj, LoraConfig):
         if obj.rank < 1:
             raise bad("rank", f"must be >= 1, got {obj.rank}")

@@ -2,8 +2,7 @@
 
 The findings come from replaying metrics.jsonl through the same :class:`Diagnoser` that watched
 the run live (train/diagnosis.py), together with the diagnosis events the run recorded; the
-train and eval loss curves (and exact-match curves when ``eval.generate_every`` logged them) are
-drawn as text, so no plotting library or display is needed.
+train and eval loss curves are drawn as text, so no plotting library or display is needed.
 """
 
 from __future__ import annotations
@@ -83,9 +82,4 @@ def diagnose_run(run_dir: str, console: Optional[Console] = None) -> list[Findin
               "eval loss": [(r["step"], r.get("eval_loss")) for r in rows if r.get("event") == "eval"]}
     console.print("\nloss (log scale)", highlight=False)
     console.print(draw_curves(losses, log=True), highlight=False, markup=False)
-    em = {label: [(r["step"], r.get(key)) for r in rows if r.get("event") == "generate"]
-          for label, key in (("train exact match", "em_train"), ("held-out exact match", "em_held_out"))}
-    if any(v for v in em.values()):
-        console.print("\nexact match (%)", highlight=False)
-        console.print(draw_curves({k: [(x, y) for x, y in v if y is not None] for k, v in em.items()}), highlight=False, markup=False)
     return found
