@@ -101,3 +101,21 @@ def test_a_run_reports_the_replay_share_it_achieved_and_preview_shows_it(tmp_pat
     p = subprocess.run([sys.executable, "-m", "tunelab", "preview", str(cfg_path), "-n", "1"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "replay general.jsonl:" in p.stdout and "quick brown fox" in p.stdout
+
+
+def test_eval_losses_show_on_a_terminal_as_they_happen(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from tunelab.train.reporting import Reporter
+
+    buf = io.StringIO()
+    rep = Reporter(tmp_path, Console(file=buf, force_terminal=True, width=160))
+    rep.start(10)
+    rep.metrics(event="train", step=1, train_loss=2.5, lr=1e-4, tokens_per_s=10.0)
+    rep.metrics(event="eval", step=1, eval_loss=1.23456)
+    rep.close()
+    out = buf.getvalue()
+    assert "step 1  eval_loss 1.235" in out and "eval 1.2346" in out  # the line above the bar, and the bar's field
+    assert "train_loss" not in out  # train steps live in the bar only
