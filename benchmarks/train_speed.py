@@ -71,7 +71,8 @@ def tunelab_config(args: argparse.Namespace, precision: str, output_dir: str) ->
         "name": "bench",
         "output_dir": output_dir,
         "model": {"name": MODEL, "dtype": precision},
-        "data": {"train": [{"path": str(DATA), "format": "alpaca"}], "audit": "off", "max_seq_len": args.max_seq_len},
+        "data": {"train": [{"path": str(DATA), "format": "alpaca"}], "audit": "off", "max_seq_len": args.max_seq_len,
+                 "eval_fraction": 0},  # the whole file trains, as in the TRL run
         "lora": {"rank": 16, "alpha": 32, "dropout": 0.05, "targets": "qv"},
         "train": {"lr": args.lr, "max_steps": args.steps, "batch_size": args.batch, "grad_accum": 1, "warmup": 0.05,
                   "schedule": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": args.seed, "log_every": 1,

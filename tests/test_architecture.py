@@ -31,6 +31,7 @@ LAYERS = {
     "train": 5,
     "infer": 6,
     "preview": 6,
+    "evaluate": 6.2,  # tunelab eval, diagnose
     "report": 6.3,  # reads run dirs; imports files only
     "plan": 6.6,  # doctor, memory, advice, sweep, run (doctor -> train -> report)
     "serve": 6.8,  # the OpenAI-compatible server

@@ -62,7 +62,8 @@ def test_derived_defaults_do_not_mutate_fields():
     assert cfg.lr == 2e-4 and cfg.lora_alpha == 32 and cfg.lora.alpha is None
     assert cfg.lora.targets == "qv" and cfg.lora.rank == 16 and cfg.lora.dropout == 0.05
     assert cfg.train.epochs == 2 and cfg.train.warmup == 0.05 and cfg.train.schedule == "cosine"
-    assert not cfg.early_stopping_on
+    assert cfg.early_stopping_on and cfg.data.eval_fraction is None  # the default eval split (data/pipeline.py)
+    assert not config_from_dict({"data": {"eval_fraction": 0}}).early_stopping_on
     assert config_from_dict({"data": {"eval_fraction": 0.1}}).early_stopping_on
     assert config_from_dict({"data": {"eval": "e.jsonl"}}).data.eval.path == "e.jsonl"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -35,6 +36,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             traceback.print_exc()
         print(f"tunelab: error: {e}", file=sys.stderr)
         return e.exit_code
+    if cfg.eval.retention and int(os.environ.get("RANK", "0")) == 0:
+        from .evaluate.command import retention_after_training
+
+        retention_after_training(cfg)  # eval.retention: forgetting, base vs tuned, into the run dir
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate.command import run_eval
+
+    run_eval(args)
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .evaluate.diagnose import diagnose_run
+
+    diagnose_run(args.run)
     return 0
 
 
@@ -195,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_self_instruct_parser(sub, cmd_self_instruct)
     add_augment_parser(sub, cmd_augment)
+
+    ev = sub.add_parser("eval", help="exact match, BLEU, ROUGE-L, loss: train vs held-out, paraphrase gap, forgetting")
+    ev.add_argument("run", help="run dir (runs/NAME), or a model with --data")
+    ev.add_argument("--data", help="evaluate on this file instead of the run's train sample and held-out set")
+    ev.add_argument("--metrics", default="em,bleu,rougeL,loss", help="comma-separated: em,bleu,rougeL,loss (default: all)")
+    ev.add_argument("--max", type=int, default=200, help="prompts per side at most (seeded sample; default 200)")
+    ev.add_argument("--json", help="write every number and every prediction to this JSON file")
+    ev.add_argument("--paraphrases", action="append", metavar="FILE", help="the run's training records phrased differently, in the same order: the memorization gap (repeatable)")
+    ev.add_argument("--retention", metavar="FILE", help="general text or instruction data: forgetting, base vs tuned")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.set_defaults(func=cmd_eval)
+
+    dg = sub.add_parser("diagnose", help="a run's findings (overfitting, memorizing, spikes, ...) and its loss curves")
+    dg.add_argument("run", help="run dir (runs/NAME)")
+    dg.set_defaults(func=cmd_diagnose)
 
     cd = sub.add_parser("config-doc", help="list every config key with its default and meaning")
     cd.set_defaults(func=cmd_config_doc)

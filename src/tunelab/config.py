@@ -63,10 +63,18 @@ class DatasetEntry:
 
 
 @dataclass
+class ReplayConfig:
+    path: str = _f(None, "File of general text (format text: {text}) or instruction records; every token of a replay record is trained (LM loss).")
+    fraction: float = _f(0.05, "Share of the trained tokens that come from replay, in [0, 0.5].")
+    format: Literal["auto", "alpaca", "dolly", "flan", "sharegpt", "messages", "text"] = _f("auto", "Record format; auto detects it from the keys.")
+
+
+@dataclass
 class DataConfig:
     train: list[DatasetEntry] = _f(factory=list, doc="Training datasets: a list of {path or hub, split, columns, format, weight, name} (each field as under data.eval).")
     eval: Optional[DatasetEntry] = _f(None, "Eval dataset {path, format}. Takes precedence over eval_fraction.")
-    eval_fraction: float = _f(0.0, "Fraction of the training data split off for eval, seeded and stratified by task.")
+    eval_fraction: Optional[float] = _f(None, "Fraction of the training data split off for eval, seeded and stratified by task. Default (null): 5%, at least 16 and at most 500 records, none when the data has fewer than 40 records. 0 turns the split off (and with it early stopping).")
+    replay: Optional[ReplayConfig] = _f(None, "Replay buffer {path, fraction}: general or pretraining text mixed into training to reduce forgetting (docs/practices.md#reg-replay).")
     on_error: Literal["raise", "skip"] = _f("raise", "Bad records: raise an error naming file:line, or skip them and report the count.")
     train_on: TrainOn = _f("assistant", "Which tokens carry loss: every assistant turn (+ its end-of-turn token), only the last one, or all tokens.")
     max_seq_len: int = _f(1024, "Maximum tokens per example.")
@@ -135,6 +143,12 @@ class ReportConfig:
 
 
 @dataclass
+class EvalConfig:
+    retention: Optional[str] = _f(None, "File (raw text or instruction data) measured on the base and the tuned model at the end of a run, written to runs/NAME/retention.json (docs/practices.md#overfit-forgetting).")
+    retention_max: int = _f(200, "Records of eval.retention used at most.")
+
+
+@dataclass
 class Config:
     name: str = _f("run", "Run name; output goes to runs/<name> unless output_dir is set.")
     output_dir: Optional[str] = _f(None, "Run directory (default runs/<name>).")
@@ -147,6 +161,7 @@ class Config:
     train: TrainConfig = _f(factory=TrainConfig, doc="The training loop.")
     doctor: DoctorConfig = _f(factory=DoctorConfig, doc="The pre-training check (tunelab doctor).")
     report: ReportConfig = _f(factory=ReportConfig, doc="The HTML report written at the end of a run.")
+    eval: EvalConfig = _f(factory=EvalConfig, doc="Evaluation beyond the eval loss: forgetting at the end of a run.")
 
     # -- derived values: computed, never written back into the user's fields --
     @property
@@ -165,7 +180,7 @@ class Config:
 
     @property
     def has_eval(self) -> bool:
-        return self.data.eval is not None or self.data.eval_fraction > 0
+        return self.data.eval is not None or self.data.eval_fraction is None or self.data.eval_fraction > 0
 
     @property
     def early_stopping_on(self) -> bool:
@@ -199,7 +214,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise _err(where, f"null is not allowed here")
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and tp is DatasetEntry:
+        if isinstance(value, str) and tp in (DatasetEntry, ReplayConfig):
             value = {"path": value}
         if not isinstance(value, dict):
             raise _err(where, f"expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
@@ -328,10 +343,18 @@ def _validate(obj: Any, where: str) -> list[tuple[str, str]]:
         if obj.weight <= 0:
             bad("weight", f"must be > 0, got {obj.weight}")
     elif isinstance(obj, DataConfig):
-        if not 0.0 <= obj.eval_fraction < 1.0:
+        if obj.eval_fraction is not None and not 0.0 <= obj.eval_fraction < 1.0:
             bad("eval_fraction", f"must be in [0, 1), got {obj.eval_fraction}")
         if obj.max_seq_len < 8:
             bad("max_seq_len", f"must be >= 8, got {obj.max_seq_len}")
+    elif isinstance(obj, ReplayConfig):
+        if not obj.path:
+            bad("path", "data.replay needs a path to a file of general text")
+        if not 0.0 < obj.fraction <= 0.5:
+            bad("fraction", f"a share of the trained tokens in (0, 0.5], got {obj.fraction}")
+    elif isinstance(obj, EvalConfig):
+        if obj.retention_max < 1:
+            bad("retention_max", f"must be >= 1, got {obj.retention_max}")
     elif isinstance(obj, LoraConfig):
         if obj.rank < 1:
             bad("rank", f"must be >= 1, got {obj.rank}")
@@ -437,21 +460,23 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: tuple[str, 
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
-    def fix(entry: Optional[DatasetEntry]) -> Optional[DatasetEntry]:
-        if entry is None or not entry.path:
-            return entry
-        p = Path(os.path.expanduser(entry.path))
+    def path(s: str) -> str:
+        p = Path(os.path.expanduser(s))
         if not p.is_absolute() and not p.exists() and (base / p).exists():
             p = base / p
-        return dataclasses.replace(entry, path=str(p))
+        return str(p)
 
-    data = dataclasses.replace(cfg.data, train=[fix(e) for e in cfg.data.train], eval=fix(cfg.data.eval))
+    def fix(entry: Any) -> Any:
+        return entry if entry is None or not entry.path else dataclasses.replace(entry, path=path(entry.path))
+
+    data = dataclasses.replace(cfg.data, train=[fix(e) for e in cfg.data.train], eval=fix(cfg.data.eval), replay=fix(cfg.data.replay))
+    ev = dataclasses.replace(cfg.eval, retention=path(cfg.eval.retention)) if cfg.eval.retention else cfg.eval
     template = cfg.template
     if template.endswith((".jinja", ".jinja2", ".j2")) and "{" not in template:  # a template file, not inline Jinja
         t = Path(os.path.expanduser(template))
         if not t.is_absolute() and not t.exists() and (base / t).exists():
             template = str(base / t)
-    return dataclasses.replace(cfg, data=data, template=template)
+    return dataclasses.replace(cfg, data=data, eval=ev, template=template)
 
 
 def config_from_dict(d: dict) -> Config:

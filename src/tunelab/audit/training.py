@@ -63,10 +63,16 @@ def audit_for_training(cfg: Any, renderer: Any = None, data: Any = None, rep: An
     report = run_audit(train_files, evals, renderer=renderer, options=opts, tokenizer_info=info, eval_where=eval_where)
     if not fast:  # the full report next to the spot check, in the run dir
         report.write_json(cfg.run_dir / "audit.json")
+    summary = report.rich_summary()
+    if data is not None and getattr(data, "replay", None) is not None:
+        from rich.console import Group
+        from rich.text import Text
+
+        summary = Group(summary, Text(data.replay.summary()))  # data.replay: in the summary, not audited as task data
     if rep is not None:
-        rep.info(report.rich_summary())
+        rep.info(summary)
     elif console is not None:
-        console.print(report.rich_summary())
+        console.print(summary)
     if report.has_errors:
         if mode == "strict":
             raise AuditFailed(report)

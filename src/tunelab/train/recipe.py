@@ -20,12 +20,14 @@ from ..audit import audit_for_training
 from ..config import Config, dump_yaml, resolved_config
 from ..data.batching import MicroBatchStream, collate, split_by_tokens
 from ..data.pipeline import prepare_data
+from ..data.replay import replay_share
 from ..data.render import Renderer
 from ..files import atomic_write_json, atomic_write_text
 from ..models.build import build_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_trained
 from .guards import Interrupted, NonFiniteGuard, StopSignals, checkpoint_failed, disk_warning, drop_untrained
 from .rundir import Run, join_run, open_run
+from .diagnosis import Diagnoser, RunContext
 from .distributed import equalize_passes, full_optimizer_state, full_trainable_state, is_fsdp, load_optimizer_state, make_accelerator, run_once
 from .evaluate import autocast_for, loss_sums
 from .header import DTYPE as DTYPE_NAME
@@ -64,6 +66,8 @@ class TrainResult:
     train_seconds: float = 0.0  # wall time of the training steps (no eval, no setup)
     train_cpu_seconds: float = 0.0  # CPU time of this process over the same span (all threads)
     real_tokens: int = 0  # non-pad tokens fed to the model over the run
+    replay_share: Optional[float] = None  # share of the trained tokens that were replay (data.replay)
+    findings: list = field(default_factory=list)  # diagnosis findings (train/diagnosis.py)
 
 
 def train(cfg: Config, overrides: tuple[str, ...] | list[str] = (), resume: bool = False, stop_at_step: Optional[int] = None,
@@ -115,6 +119,12 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
     scheduler = make_scheduler(optimizer, total_steps, cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio)
     eval_every = cfg.train.eval_every or max(1, total_steps // 10)
     save_every = cfg.train.save_every or eval_every
+    diag = Diagnoser(RunContext(total_steps, len(data.train), cfg.train.warmup, cfg.train.schedule, cfg.train.min_lr_ratio,
+                                cfg.train.early_stopping.patience))
+    if ckpt is None:
+        rep.metrics(event="run", step=0, total_steps=total_steps, n_train=len(data.train), n_eval=len(data.eval))
+    for f in diag.start():
+        rep.finding(f)
     loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix,
                            padding_free=cfg.train.padding_free, kernels=cfg.train.kernels)
 
@@ -125,6 +135,9 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
         rep.line(line)
     for w in warnings:
         rep.warn(w)
+    rep.info(data.eval_note)
+    if data.replay is not None and cfg.data.audit == "off":
+        rep.info(data.replay.summary())  # else the audit summary shows it
     rep.table("parameters", *memory_report(model))
     if accelerator.is_main_process:  # the resolved config: derived values filled in, reruns as is
         atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved_config(
@@ -239,6 +252,8 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
                         trained_tokens=state.trained_tokens, tokens_per_s=tps, grad_norm=grad_norm)
             result.tokens_per_s = tps
             t_log, tokens_since_log = time.perf_counter(), 0
+        for f in diag.train_step(state.step, train_loss, grad_norm):
+            rep.finding(f)
 
         # ------------------------------------------------------------ eval, early stopping
         stop = False
@@ -247,6 +262,8 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
             ev = evaluate()
             result.eval_losses.append((state.step, ev))
             rep.metrics(event="eval", step=state.step, epoch=state.micro / stream.per_epoch, lr=lr, eval_loss=ev, trained_tokens=state.trained_tokens)
+            for f in diag.eval(state.step, ev):
+                rep.finding(f)
             if ev < state.best_eval - cfg.train.early_stopping.min_delta:
                 state.best_eval, state.best_step, state.bad_evals = ev, state.step, 0
                 save_best()
@@ -279,7 +296,12 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
     if not data.eval:
         save_best()  # no eval set: the final weights are the result
     accelerator.wait_for_everyone()
-    result.steps, result.best_step = state.step, state.best_step
+    result.steps, result.best_step, result.findings = state.step, state.best_step, diag.findings
+    if data.replay is not None:
+        replayed, trained = replay_share(data.train, [stream[g] for g in range(state.micro)])
+        result.replay_share = replayed / max(trained, 1)
+        rep.info(f"replay: {100 * result.replay_share:.1f}% of the {trained} trained tokens (asked {100 * data.replay.fraction:.1f}%)")
+        rep.metrics(event="replay", step=state.step, replay_share=result.replay_share, replay_tokens=replayed, trained_tokens=trained)
     result.best_eval = state.best_eval if math.isfinite(state.best_eval) else None
     mem = peak_memory_bytes(device)
     artifacts = {"model" if cfg.method == "full" else "adapter": run_dir / ("model" if cfg.method == "full" else "adapter"),

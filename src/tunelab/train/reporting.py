@@ -100,12 +100,12 @@ class Reporter:
         self._total, self._first, self._t0 = total_steps, first_step, time.perf_counter()
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"), TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
             disable=not self.console.is_terminal,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=total_steps, completed=first_step, loss="-", lr="-", tps="-")
+        self._task = self._progress.add_task("train", total=total_steps, completed=first_step, loss="-", eval="-", lr="-", tps="-")
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         if self._progress is not None:
@@ -121,6 +121,8 @@ class Reporter:
             fh.write(json.dumps(row) + "\n")
         if self.trackers:
             self.trackers.log(row)
+        if row.get("event") == "eval" and row.get("eval_loss") is not None and self._progress is not None:
+            self._progress.update(self._task, eval=f"{row['eval_loss']:.4f}")  # the live bar shows the latest eval loss
         if row.get("event") == "eval" or (not self.console.is_terminal and row.get("event") == "train"):
             # No live bar (CI, pipes): one plain line per logged event; evals always (the bar shows no eval).
             self.console.print(self.plain_line(row), highlight=False, markup=False, soft_wrap=True)
@@ -145,6 +147,11 @@ class Reporter:
             if done > 0 and row.get("event") == "train":
                 parts.append(f"eta {format_duration(elapsed / done * max(self._total - step, 0))}")
         return "  " + "  ".join(parts)
+
+    def finding(self, f: Any) -> None:
+        """A diagnosis finding (train/diagnosis.py): printed once, and an event in metrics.jsonl."""
+        self.console.print(f"[yellow]diagnosis:[/yellow] {f.text()}", highlight=False)
+        self.metrics(**f.event())
 
     def close(self) -> None:
         if self._progress is not None:
@@ -171,6 +178,7 @@ class NullReporter(Reporter):
     def start(self, *a: Any, **k: Any) -> None: ...
     def step(self, *a: Any, **k: Any) -> None: ...
     def metrics(self, **values: Any) -> None: ...
+    def finding(self, f: Any) -> None: ...
     def close(self) -> None: ...
     def final(self, **values: Any) -> None: ...
 
