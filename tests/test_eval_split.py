@@ -117,5 +117,5 @@ def test_eval_losses_show_on_a_terminal_as_they_happen(tmp_path):
     rep.metrics(event="eval", step=1, eval_loss=1.23456)
     rep.close()
     out = buf.getvalue()
-    assert "step 1  eval_loss 1.235" in out and "eval 1.2346" in out  # the line above the bar, and the bar's field
+    assert "step 1/10  eval_loss 1.2346" in out and "eval 1.2346" in out  # the line above the bar, and the bar's field
     assert "train_loss" not in out  # train steps live in the bar only

@@ -303,11 +303,11 @@ def test_ctrl_c_is_one_line_exit_130(tmp_path, tiny_model_dir):
 
 
 def test_streamed_pieces_add_up_to_the_reply_without_the_end_marker(tokenizer):
-    from tunelab.infer.generate import _Streamer
+    from tunelab.infer.generate import _TextStream
 
     pieces: list[str] = []
-    s = _Streamer(tokenizer, ["<|im_end|>"], pieces.append)
-    s.put(None)  # the prompt
+    s = _TextStream(tokenizer, ["<|im_end|>"], pieces.append)
+    s.put(torch.tensor([0]))  # the prompt
     for tid in tokenizer("Hello there, how are you today?<|im_end|>\n")["input_ids"]:
         s.put(torch.tensor([tid]))
     s.finish("Hello there, how are you today?")

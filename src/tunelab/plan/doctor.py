@@ -335,7 +335,7 @@ def build_context(cfg: Config, *, memory: Optional[int] = None, device: Optional
             from .facts import data_facts
 
             evals = [cfg.data.eval] if cfg.data.eval is not None else []
-            ctx.facts = data_facts(cfg.data.train, evals, renderer, cfg.data.max_seq_len, cfg.train.seed, cfg.data.eval_fraction)
+            ctx.facts = data_facts(cfg.data.train, evals, renderer, cfg.data.max_seq_len, cfg.train.seed, 0.05 if cfg.data.eval_fraction is None else cfg.data.eval_fraction)  # null: the default 5% hold-out
         except Exception as e:
             ctx.facts_error = f"{type(e).__name__}: {e}"
     if ctx.shape is not None:

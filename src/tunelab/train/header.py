@@ -59,7 +59,7 @@ def header_lines(cfg: Config, built: Any, data: Any, plan: Plan, overrides: list
     d = f"data      train {ts.kept} of {ts.total} records kept" + (f" ({dropped} dropped)" if dropped else "") + f" from {_files(cfg, data, 'train')}"
     lines.append(d)
     if es is not None:
-        src = _files(cfg, data, "eval") if cfg.data.eval is not None else f"{cfg.data.eval_fraction:g} of train, stratified"
+        src = _files(cfg, data, "eval") if cfg.data.eval is not None else (f"{cfg.data.eval_fraction:g} of train, stratified" if cfg.data.eval_fraction is not None else "train (the default hold-out, stratified)")
         lines.append(f"          eval {es.kept} of {es.total} records kept from {src}")
     else:
         lines.append("          eval none (no early stopping; the final weights are the result)")

@@ -144,7 +144,7 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
             cfg, dtype=DTYPE_NAME.get(built.compute_dtype), eval_every=eval_every, save_every=save_every)))
     audit = run_once(accelerator, lambda: audit_for_training(cfg, renderer, data, rep, fast=False))  # data.audit: off | warn | strict (strict raises)
     if audit is not None and accelerator.is_main_process:  # for the run's HTML report
-        atomic_write_json(run_dir / "audit_summary.json", {"summary": audit.summary(), "text": audit.summary_text()})
+        atomic_write_json(run_dir / "audit_summary.json", {"summary": audit.summary, "text": audit.summary_text()})
     if cfg.method == "qlora" and data.eval and ckpt is None:
         # What NF4 costs: the base's eval loss quantized vs unquantized (loads the latter briefly).
         if accelerator.is_main_process:
