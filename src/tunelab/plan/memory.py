@@ -19,7 +19,7 @@ from what tunelab keeps for each kind of parameter (docs/practices.md#qlora-when
   Gradient checkpointing keeps one h per token per layer plus one layer's worth. Plus the
   logits of the trained positions (fp32 logits and their gradient);
 * **overhead**: the runtime itself: on the CPU, the resident size of a Python process with
-  torch, transformers and peft imported (measured: ~0.44 GB); on CUDA, the context (~0.5 GB).
+  torch, transformers, peft and tunelab imported plus a tiny run's working set (measured: ~0.5 GiB); on CUDA, the context (~0.5 GB).
 
 On the CPU the peak can instead come at load time: a model stored in fp32 (the embedded model's
 converted GGUF) is read through a memory map while its bf16 copy is built, so both count.
@@ -36,7 +36,10 @@ from typing import Any, Optional
 
 GB = 1024**3
 NF4_BYTES = 0.516  # 4 bits + 8/64 (absmax codes) + 32/(64*256) (their scales), bytes per weight
-CPU_RUNTIME_BYTES = int(0.44 * GB)  # RSS of python + torch + transformers + peft, measured on this project's CI machine
+# RSS of a `tunelab train` process before its model: python + torch + transformers + peft +
+# accelerate + tunelab's own imports (0.43 GiB right after the imports, 2026-12-02) plus the
+# allocator's working set of a tiny run (measured peaks 0.59-0.70 GiB with a ~0.09 GiB model workload).
+CPU_RUNTIME_BYTES = int(0.47 * GB)
 CUDA_CONTEXT_BYTES = int(0.5 * GB)
 LINEAR_CE_CHUNK = 512  # kernels/linear_ce.py: rows of logits held at once on the fused CPU path
 

@@ -310,10 +310,10 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
                  "checkpoints": run_dir / "checkpoints"}
     for line in summary_lines(cfg, result, artifacts):
         rep.line(line)
-    if state.skipped_nonfinite or state.skipped_empty:
-        rep.line("skipped: " + "; ".join(x for x in (
-            f"{state.skipped_nonfinite} non-finite batches" if state.skipped_nonfinite else "",
-            f"{state.skipped_empty} passes without trained tokens" if state.skipped_empty else "") if x))
+    skipped = [f"{state.skipped_nonfinite} non-finite batches skipped" if state.skipped_nonfinite else "",
+               f"{state.skipped_empty} passes without trained tokens skipped" if state.skipped_empty else ""]
+    if any(skipped):
+        rep.line("; ".join(x for x in skipped if x))
     rep.line("memory: " + "; ".join(f"{k} {format_bytes(v)}" for k, v in mem.items()))
     rep.final(steps=state.step, best_eval_loss=result.best_eval, best_step=state.best_step, stopped_early=result.stopped_early,
               trained_tokens=state.trained_tokens, train_seconds=round(result.train_seconds, 3))
