@@ -206,3 +206,32 @@ def test_retention_in_the_config_runs_at_the_end_of_a_run(files, tmp_path, capsy
     assert r["kind"] == "text" and r["base"]["tokens"] > 0 and "ppl" in r["delta"]
     assert r["delta"]["ppl"] == pytest.approx(r["tuned"]["ppl"] - r["base"]["ppl"])
     assert "eval: none: 8 training records are fewer than 40" in out and "forgetting on general.jsonl" in out
+
+
+def test_generate_every_logs_the_train_vs_held_out_exact_match_gap_without_perturbing_training(files):
+    """The eval answers contradict the training ones on the same prompts: as the model memorizes,
+    train exact match goes to 100 and held-out to 0. The probe (eval mode, greedy, no RNG)
+    leaves the loss trace exactly as a run without it."""
+    from tunelab.evaluate.diagnose import diagnose_run
+
+    kw = dict(max_steps=60, eval_every=20, early_stopping={"enabled": False})
+    plain = train(_cfg(files, files["dir"] / "plain", True, **kw), console=Console(file=io.StringIO()))
+    cfg = _cfg(files, files["dir"] / "probed", True, **kw)
+    cfg.eval.generate_every, cfg.eval.generate_sample, cfg.eval.generate_max_tokens = 20, 8, 8
+    buf = io.StringIO()
+    probed = train(cfg, console=Console(file=buf, width=200))
+    assert probed.losses == plain.losses
+    ev = [r for r in _rows(cfg.run_dir) if r["event"] == "generate"]
+    assert [r["step"] for r in ev] == [20, 40, 60] and all(r["n_train"] == 8 and r["n_eval"] == 8 for r in ev)
+    assert ev[-1]["train_em"] == 100.0 and ev[-1]["eval_em"] == 0.0
+    assert "step 60: exact match train 100.0 / held-out 0.0 (gap +100.0, 8 + 8 prompts)" in buf.getvalue()
+    out = io.StringIO()
+    diagnose_run(str(cfg.run_dir), Console(file=out, width=200))
+    assert "last: train 100.0, held-out 0.0, gap +100.0" in out.getvalue() and "o held-out EM" in out.getvalue()
+
+
+def test_generate_every_is_validated():
+    from tunelab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.generate_every: must be >= 1"):
+        config_from_dict({"eval": {"generate_every": 0}})

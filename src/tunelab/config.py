@@ -146,6 +146,9 @@ class ReportConfig:
 class EvalConfig:
     retention: Optional[str] = _f(None, "File (raw text or instruction data) measured on the base and the tuned model at the end of a run, written to runs/NAME/retention.json (docs/practices.md#overfit-forgetting).")
     retention_max: int = _f(200, "Records of eval.retention used at most.")
+    generate_every: Optional[int] = _f(None, "Every N steps, generate greedily on eval.generate_sample train and held-out prompts and log exact match on both (the train vs held-out gap curve, shown by tunelab diagnose); off by default (docs/practices.md#overfit-metrics).")
+    generate_sample: int = _f(16, "Train and held-out prompts each that eval.generate_every generates on (a fixed, seeded sample).")
+    generate_max_tokens: int = _f(32, "New tokens per answer in the eval.generate_every probe (exact match is for short answers).")
 
 
 @dataclass
@@ -355,6 +358,10 @@ def _validate(obj: Any, where: str) -> list[tuple[str, str]]:
     elif isinstance(obj, EvalConfig):
         if obj.retention_max < 1:
             bad("retention_max", f"must be >= 1, got {obj.retention_max}")
+        for k in ("generate_every", "generate_sample", "generate_max_tokens"):
+            v = getattr(obj, k)
+            if v is not None and v < 1:
+                bad(k, f"must be >= 1, got {v}")
     elif isinstance(obj, LoraConfig):
         if obj.rank < 1:
             bad("rank", f"must be >= 1, got {obj.rank}")

@@ -2,7 +2,8 @@
 
 The findings come from replaying metrics.jsonl through the same :class:`Diagnoser` that watched
 the run live (train/diagnosis.py), together with the diagnosis events the run recorded; the
-train and eval loss curves are drawn as text, so no plotting library or display is needed.
+train and eval loss curves (and the train / held-out exact-match curves of
+``eval.generate_every``) are drawn as text, so no plotting library or display is needed.
 """
 
 from __future__ import annotations
@@ -82,4 +83,12 @@ def diagnose_run(run_dir: str, console: Optional[Console] = None) -> list[Findin
               "eval loss": [(r["step"], r.get("eval_loss")) for r in rows if r.get("event") == "eval"]}
     console.print("\nloss (log scale)", highlight=False)
     console.print(draw_curves(losses, log=True), highlight=False, markup=False)
+    probes = [r for r in rows if r.get("event") == "generate"]
+    if probes:  # eval.generate_every: the train vs held-out exact-match gap over training
+        last = probes[-1]
+        console.print(f"\nexact match (eval.generate_every, {last.get('n_train')} train / {last.get('n_eval')} held-out prompts); "
+                      f"last: train {last['train_em']:.1f}, held-out {last['eval_em']:.1f}, gap {last['train_em'] - last['eval_em']:+.1f}",
+                      highlight=False)
+        console.print(draw_curves({"train EM": [(r["step"], r["train_em"]) for r in probes],
+                                   "held-out EM": [(r["step"], r["eval_em"]) for r in probes]}), highlight=False, markup=False)
     return found

@@ -12,30 +12,12 @@ All three are on a 0-100 scale (docs/practices.md#overfit-metrics).
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from typing import Sequence
 
 from ..config import ConfigError
+from ..data.answers import exact_match, exact_match_score, normalize  # noqa: F401  (the one rule, shared with the recipe's probe)
 
 METRICS = ("em", "bleu", "rougeL", "loss")
-
-
-def normalize(text: str) -> str:
-    """Lower case, punctuation dropped, whitespace collapsed."""
-    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def exact_match(prediction: str, references: Sequence[str]) -> bool:
-    p = normalize(prediction)
-    return any(p == normalize(r) for r in references)
-
-
-def exact_match_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    if not predictions:
-        return float("nan")
-    return 100.0 * sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(predictions)
 
 
 def bleu_score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

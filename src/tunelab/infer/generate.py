@@ -16,6 +16,8 @@ import torch
 
 from ..config import Config, load_config
 from ..data.render import Renderer
+from ..models.generation import cut_at_markers as _cut
+from ..models.generation import greedy_batched
 from ..models.load import compute_dtype, load_model, load_tokenizer, resolve_model_path
 
 
@@ -189,49 +191,13 @@ def generate(loaded: Loaded, conversations: Sequence[list[dict]], max_new_tokens
     return [generate_one(loaded, msgs, max_new_tokens, temperature, top_p, stop, on_text).text for msgs in conversations]
 
 
-@torch.no_grad()
 def generate_batched(loaded: Loaded, conversations: Sequence[list[dict]], max_new_tokens: int = 128, batch_size: int = 16,
                      on_batch: Optional[Callable[[int], None]] = None) -> list[str]:
-    """Greedy completions of many conversations, ``batch_size`` at a time: prompts sorted by
-    length (little padding), left-padded with an attention mask (transformers derives the
-    positions from it), decoded with the KV cache, each row stopping at its end-of-turn token.
-    The same tokens as :func:`generate` one prompt at a time (up to float rounding; exact in
-    fp32 in the tests). End-of-turn markers that are no single token (other templates' markers
-    written as text) do not stop a row early as :func:`generate`'s stop check does (that
-    check costs more than it saves here), but the text is cut at the first one all the same, so
-    the result is the same string. ``on_batch(n)`` is called with the number of prompts done,
-    for a progress bar. Returns the completions in the order given, end-of-turn markers stripped."""
-    r, tok = loaded.renderer, loaded.tokenizer
-    stop_ids = r.stop_token_ids
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
-    prompts = [r.prompt_ids(m) for m in conversations]
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    outs: list[str] = [""] * len(prompts)
-    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad, do_sample=False,
-                              temperature=None, top_p=None, top_k=None, use_cache=True)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        out = loaded.model.generate(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kw)
-        for row, i in enumerate(idx):
-            new = out[row, width:].tolist()
-            end = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
-            text = tok.decode(new[:end + 1], skip_special_tokens=False)
-            outs[i] = text[:_cut(text, r.eot_markers)].strip()
-        if on_batch is not None:
-            on_batch(len(idx))
-    return outs
-
-
-def _cut(text: str, markers: Sequence[str]) -> int:
-    cut = len(text)
-    for m in markers:
-        k = text.find(m)
-        if k >= 0:
-            cut = min(cut, k)
-    return cut
+    """Greedy completions of many conversations, batched with left padding and the KV cache
+    (:func:`tunelab.models.generation.greedy_batched`). The same string as :func:`generate` one
+    prompt at a time (up to float rounding; exact in fp32 in the tests); its stop check on
+    markers that are no single token costs more than it saves here, so rows stop at their
+    end-of-turn token and the text is cut at the first marker. Returns the completions in the
+    order given, end-of-turn markers stripped."""
+    return greedy_batched(loaded.model, loaded.tokenizer, loaded.renderer, loaded.device, conversations, max_new_tokens,
+                          batch_size, on_batch)

@@ -30,6 +30,7 @@ from .rundir import Run, join_run, open_run
 from .diagnosis import Diagnoser, RunContext
 from .distributed import equalize_passes, full_optimizer_state, full_trainable_state, is_fsdp, load_optimizer_state, make_accelerator, run_once
 from .evaluate import autocast_for, loss_sums
+from .generation_probe import GenerationProbe
 from .header import DTYPE as DTYPE_NAME
 from .header import Plan, header_lines, summary_lines
 from .loss import CausalLMLoss
@@ -150,6 +151,19 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
         if accelerator.is_main_process:
             report_quantization_cost(cfg, model, data.eval, device, tokenizer.pad_token_id or 0, rep.info, rep.warn, run_dir)
         accelerator.wait_for_everyone()
+
+    probe = None  # eval.generate_every: train vs held-out exact match as training goes
+    if cfg.eval.generate_every:
+        if is_fsdp(accelerator):
+            rep.warn("eval.generate_every is off under FSDP: the weights are sharded, one process cannot generate alone")
+        elif not data.eval_conversations:
+            rep.warn("eval.generate_every needs a held-out set (data.eval or data.eval_fraction); the probe is off")
+        else:
+            probe = GenerationProbe(renderer, tokenizer, data.train_conversations, data.eval_conversations, cfg.eval.generate_sample,
+                                    cfg.eval.generate_max_tokens, cfg.train.eval_batch_size or cfg.train.batch_size, cfg.train.seed)
+            probe = probe or None
+            if probe is None:
+                rep.warn("eval.generate_every: no train or held-out record ends in an assistant turn; the probe is off")
 
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -273,6 +287,17 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
             t_log += time.perf_counter() - t_eval  # eval time is not training throughput
             eval_seconds += time.perf_counter() - t_eval
             eval_cpu_seconds += time.process_time() - c_eval
+        if probe is not None and (state.step % cfg.eval.generate_every == 0 or state.step == total_steps):
+            t_gen, c_gen = time.perf_counter(), time.process_time()
+            if accelerator.is_main_process:
+                em = probe(accelerator.unwrap_model(loss_fn).model, device, built.compute_dtype)
+                rep.info(f"step {state.step}: exact match train {em.train_em:.1f} / held-out {em.eval_em:.1f} "
+                         f"(gap {em.gap:+.1f}, {em.n_train} + {em.n_eval} prompts)")
+                rep.metrics(event="generate", step=state.step, train_em=em.train_em, eval_em=em.eval_em, n_train=em.n_train, n_eval=em.n_eval)
+            accelerator.wait_for_everyone()
+            t_log += time.perf_counter() - t_gen  # not training throughput either
+            eval_seconds += time.perf_counter() - t_gen
+            eval_cpu_seconds += time.process_time() - c_gen
         interrupted = signals.requested(accelerator)
         if state.step % save_every == 0 or stop or state.step == total_steps or interrupted:
             checkpoint()
