@@ -152,6 +152,7 @@ def test_end_to_end_against_tunelab_serve(tmp_path, seeds, tokenizer):
         assert r.returncode == 0, r.stderr[-3000:]
         assert "self-instruct: 20 generated records" in r.stdout and "data audit:" in r.stdout
         assert "self-instruct round 1:" in r.stderr  # progress
+        assert "HTTP Request" not in r.stderr + r.stdout  # the openai client's per-request log lines stay quiet
         rows = read_existing(out)
         gen = [x for x in rows if x["provenance"]["source"] == "generated"]
         assert len(gen) == 20 and all(x["provenance"]["model"] == "tiny" for x in gen)

@@ -11,9 +11,10 @@ import os
 import sys
 import warnings
 
-# Loggers whose INFO/WARNING lines are noise in a run's console. bitsandbytes is here because
-# peft imports it on a plain LoRA run; a QLoRA run turns it back on (``allow_logger``).
-NOISY_LOGGERS = ("transformers", "accelerate", "peft", "httpx", "huggingface_hub", "datasets", "bitsandbytes", "torch.distributed")
+# Loggers whose INFO/WARNING lines are noise in a run's console. httpx2 is the openai client's
+# HTTP stack (one INFO line per request). bitsandbytes is here because peft imports it on a
+# plain LoRA run; a QLoRA run turns it back on (``allow_logger``).
+NOISY_LOGGERS = ("transformers", "accelerate", "peft", "httpx", "httpx2", "openai", "huggingface_hub", "datasets", "bitsandbytes", "torch.distributed")
 
 # (message regex, category): warnings that say nothing the user can act on.
 HARMLESS_WARNINGS = (
