@@ -110,7 +110,11 @@ def test_grad_accum_equals_big_batch_and_is_the_token_mean(tmp_path, tiny_model_
     assert any(torch.count_nonzero(g) > 0 for g in g_big)
 
     # 1. the same gradients, and so the same update
-    assert _close(g_big, g_acc, rtol=1e-5, atol=1e-9)
+    # fp32 rounding only: one pass of 4 examples vs two of 2 sum in another order, and the
+    # kernels block differently by shape (AVX-512/AMX: up to 4.5e-8 on gradients of 0.13,
+    # measured). atol follows the gradient scale; a wrong normalization is off by whole percents.
+    scale = max(float(g.abs().max()) for g in g_big)
+    assert _close(g_big, g_acc, rtol=1e-5, atol=1e-6 * scale)
     assert res_big.losses[0] == pytest.approx(res_acc.losses[0], rel=1e-6)
     a_big = load_file(str(tmp_path / "big" / "adapter" / "adapter_model.safetensors"))
     a_acc = load_file(str(tmp_path / "accum" / "adapter" / "adapter_model.safetensors"))
