@@ -52,7 +52,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from tunelab.data.render import Renderer
-    from tunelab.infer.generate import Loaded, _strip_eot, generate_batched
+    from tunelab.infer.generate import Loaded, generate_batched
+    from tunelab.models.generation import cut_at_markers
     from tunelab.models.load import load_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(args.model)
@@ -75,7 +76,8 @@ def main() -> int:
             out = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                         do_sample=False, temperature=None, top_p=None, top_k=None,
                                         eos_token_id=loaded.renderer.stop_token_ids, pad_token_id=tok.pad_token_id)
-        single.append(_strip_eot(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False), loaded.renderer.eot_markers))
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+        single.append(text[:cut_at_markers(text, loaded.renderer.eot_markers)].strip())
     t_single = time.perf_counter() - t
     print(f"one at a time:     {t_single:7.1f} s  ({args.n / t_single:.2f} prompts/s)", flush=True)
 
