@@ -9,7 +9,7 @@ per-example means.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Sequence
+from typing import Any, ContextManager, Iterator, Sequence
 
 import torch
 
@@ -24,6 +24,18 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> ContextManager:
     return torch.autocast(device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def eval_mode(module: Any) -> Iterator[None]:
+    """``module`` in eval mode (no dropout) for the block; every submodule's mode restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]  # restored as they were, module by module
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def loss_sums(loss_fn: Any, examples: Sequence[EncodedExample], batch_size: int, pad_id: int, device: torch.device,
               dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1) -> torch.Tensor:
     """(sum of token losses, trained tokens) as a float64 tensor (2,) over this process's share.
@@ -36,17 +48,11 @@ def loss_sums(loss_fn: Any, examples: Sequence[EncodedExample], batch_size: int,
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     mine = order[rank::world]
     total = torch.zeros(2, device=device, dtype=torch.float64)
-    modes = [(m, m.training) for m in loss_fn.modules()]  # restored as they were, module by module
-    loss_fn.eval()
-    try:
-        with torch.no_grad(), autocast_for(device, dtype):
-            for s in range(0, len(mine), batch_size):
-                b = collate([examples[i] for i in mine[s:s + batch_size]], pad_id).to(device)
-                loss_sum, n = loss_fn(b.input_ids, b.attention_mask, b.labels)
-                total += torch.stack([loss_sum.detach().double(), n.double()])
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(loss_fn), torch.no_grad(), autocast_for(device, dtype):
+        for s in range(0, len(mine), batch_size):
+            b = collate([examples[i] for i in mine[s:s + batch_size]], pad_id).to(device)
+            loss_sum, n = loss_fn(b.input_ids, b.attention_mask, b.labels)
+            total += torch.stack([loss_sum.detach().double(), n.double()])
     return total
 
 

@@ -22,7 +22,7 @@ from ..data.answers import exact_match
 from ..data.formats import Conversation
 from ..data.render import Renderer
 from ..models.generation import greedy_batched
-from .evaluate import autocast_for
+from .evaluate import autocast_for, eval_mode
 
 
 @dataclass
@@ -54,21 +54,12 @@ class GenerationProbe:
         self.held_out = _sample(held_out, k, seed + 1)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
-    def __bool__(self) -> bool:
-        return bool(self.train and self.held_out)
-
     def _em(self, model: Any, device: torch.device, pairs: list[tuple[list[dict], str]]) -> float:
         preds = greedy_batched(model, self.tokenizer, self.renderer, device, [p for p, _ in pairs], self.max_new_tokens,
                                self.batch_size)
         return 100.0 * sum(exact_match(strip_markers(p).strip(), [ref]) for p, (_, ref) in zip(preds, pairs)) / len(pairs)
 
     def __call__(self, model: Any, device: torch.device, dtype: torch.dtype) -> ProbeResult:
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad(), autocast_for(device, dtype):
-                tr, ev = self._em(model, device, self.train), self._em(model, device, self.held_out)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with eval_mode(model), torch.no_grad(), autocast_for(device, dtype):
+            tr, ev = self._em(model, device, self.train), self._em(model, device, self.held_out)
         return ProbeResult(tr, ev, len(self.train), len(self.held_out))

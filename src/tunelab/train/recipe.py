@@ -161,8 +161,8 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
         else:
             probe = GenerationProbe(renderer, tokenizer, data.train_conversations, data.eval_conversations, cfg.eval.generate_sample,
                                     cfg.eval.generate_max_tokens, cfg.train.eval_batch_size or cfg.train.batch_size, cfg.train.seed)
-            probe = probe or None
-            if probe is None:
+            if not (probe.train and probe.held_out):
+                probe = None
                 rep.warn("eval.generate_every: no train or held-out record ends in an assistant turn; the probe is off")
 
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
