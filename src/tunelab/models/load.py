@@ -19,6 +19,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file
 
+from .heap import transient_blocks_return_to_os
+
 log = logging.getLogger("tunelab")
 
 EMBEDDED_ALIASES = {
@@ -188,7 +190,8 @@ def load_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False, a
     if quantization_config is not None:
         kw["quantization_config"] = quantization_config
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kw)
+        with transient_blocks_return_to_os():
+            return AutoModelForCausalLM.from_pretrained(path, **kw)
     except OSError as e:
         if not _is_hub_id(path):
             raise
