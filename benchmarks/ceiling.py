@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train_speed.py: same t
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_speed as ts  # noqa: E402  (the plan, the FLOP count and the peak are the benchmark's own)
+from tunelab.kernels.fused_llama import FP32_BACKWARD_BELOW  # noqa: E402
 
 
 def best_time(fn, budget_s: float, min_reps: int = 3) -> float:
@@ -110,8 +111,14 @@ def main() -> int:
         # kv with their own (fewer) heads, as the fused decoder calls the kernel (GQA inside it)
         q, k, v = rand(1, nh, n, hd), rand(1, nkv, n, hd), rand(1, nkv, n, hd)
 
-        def attn():
+        # the backward as the fused decoder runs it: in fp32 on upcast copies for short bf16
+        # sequences (FP32_BACKWARD_BELOW, faster there), else in the compute dtype
+        up = precision == "bf16" and n < FP32_BACKWARD_BELOW
+
+        def attn(q=q, k=k, v=v, up=up):
             o, lse = flash(q, k, v, 0.0, True, scale=hd ** -0.5)[:2]
+            if up:
+                q, k, v, o = q.float(), k.float(), v.float(), o.float()
             return flash_bwd(o, q, k, v, o, lse, 0.0, True, scale=hd ** -0.5)
 
         attn_time[n] = best_time(attn, min(args.budget, 0.05), min_reps=2)

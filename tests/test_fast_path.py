@@ -350,6 +350,50 @@ def test_bf16_base_is_as_accurate_as_transformers(model_dir, tokenizer):
     assert err(grads[("bf16", True)]) < 0.05
 
 
+@pytest.mark.parametrize("below", [0, 20, 10**6], ids=["bf16-backward", "mixed", "fp32-backward"])
+def test_bf16_attention_backward_in_fp32_for_short_sequences(model_dir, tokenizer, monkeypatch, below):
+    """A bf16 step runs attention backward in fp32 for sequences shorter than FP32_BACKWARD_BELOW
+    (faster there, benchmarks/attention_backward.py) and in bf16 for longer ones; every mix gives
+    gradients as close to an fp32 computation as the bf16 transformers forward's."""
+    from tunelab.kernels import fused_llama
+
+    flash, flash_bwd = fused_llama._flash_ops()
+    seen = []
+
+    def spy_bwd(*args, **kw):
+        seen.append(args[1].dtype)
+        return flash_bwd(*args, **kw)
+
+    monkeypatch.setattr(fused_llama, "_flash_ops", lambda: (flash, spy_bwd))
+    monkeypatch.setattr(fused_llama, "FP32_BACKWARD_BELOW", below)
+    exs = _batch(tokenizer, n=4, seed=12)
+    lengths = [len(e.input_ids) for e in exs]
+    b = collate(exs, tokenizer.pad_token_id)
+    grads = {}
+    for dtype in ("bf16", "fp32"):
+        cfg = config_from_dict({"model": {"name": model_dir, "dtype": dtype}, "lora": {"rank": 4, "targets": "all-linear", "dropout": 0.0}})
+        torch.manual_seed(0)
+        model = build_model(cfg, CPU).model
+        _fill_lora_b(model)
+        if dtype == "fp32":
+            with torch.no_grad():
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.copy_(p.to(torch.bfloat16).float())
+        params = [p for p in model.parameters() if p.requires_grad]
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss, _ = CausalLMLoss(model, dtype == "bf16", dtype == "bf16")(b.input_ids, b.attention_mask, b.labels)
+        grads[dtype] = torch.autograd.grad(loss, params)
+        if dtype == "bf16":
+            used = set(seen)
+    want = {torch.float32 if n < below else torch.bfloat16 for n in lengths}
+    assert min(lengths) < 20 <= max(lengths)  # the "mixed" case mixes
+    assert used == want
+    err = max(((a.float() - r).norm() / r.norm()).item() for a, r in zip(grads["bf16"], grads["fp32"]))
+    assert err < 0.05
+
+
 def test_unsupported_models_fall_back(model_dir, tokenizer):
     cfg = config_from_dict({"method": "full", "model": {"name": model_dir, "dtype": "fp32"}})
     built = build_model(cfg, CPU)

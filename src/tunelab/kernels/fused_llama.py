@@ -270,19 +270,41 @@ def _attention_forward(qkv: torch.Tensor, sp: _AttnSpec) -> tuple[torch.Tensor, 
     return attn.view(n, Q), lse
 
 
+# PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32 on short
+# sequences, while its forward is faster in bf16. Measured with benchmarks/attention_backward.py on
+# a 2-core Intel Xeon with AMX, 9 query / 3 key-value heads of 64, ms per backward call, bf16 vs
+# fp32 (upcasts included): L=32 0.89 vs 0.16, L=64 1.57 vs 0.34, L=128 3.43 vs 1.04, L=256 4.60 vs
+# 3.19, L=512 12.0 vs 11.7, L=768 16.3 vs 20.5. So a bf16 step runs the forward in bf16 and, for
+# sequences shorter than this, the backward in fp32 on upcast copies (also the more accurate).
+FP32_BACKWARD_BELOW = 512
+
+
+def _group_len(group: Group) -> int:
+    return sum(e - s for s, e, _ in group)
+
+
 def _attention_backward(dattn: torch.Tensor, qkv: torch.Tensor, attn: torch.Tensor, lse: torch.Tensor, sp: _AttnSpec) -> torch.Tensor:
-    """d(qkv). A shared range gets the output gradient once (in the group that kept its output;
-    zero elsewhere, which contributes nothing) and key/value gradients from every group."""
+    """d(qkv), in fp32 when any sequence ran its backward in fp32 (see FP32_BACKWARD_BELOW), else
+    in qkv's dtype. A shared range gets the output gradient once (in the group that kept its
+    output; zero elsewhere, which contributes nothing) and key/value gradients from every group."""
     _, flash_bwd = _flash_ops()
     n = qkv.shape[0]
     Q, K = sp.n_heads * sp.head_dim, sp.n_kv * sp.head_dim
     shape_q, shape_kv = (n, sp.n_heads, sp.head_dim), (n, sp.n_kv, sp.head_dim)
-    q, k, v = qkv[:, :Q].view(shape_q), qkv[:, Q:Q + K].view(shape_kv), qkv[:, Q + K:].view(shape_kv)
-    o, do = attn.view(shape_q), dattn.view(shape_q)
+
+    def views(qkv_t, attn_t, dattn_t):  # (q, k, v, o, do) as (n, heads, d) views
+        return (qkv_t[:, :Q].view(shape_q), qkv_t[:, Q:Q + K].view(shape_kv), qkv_t[:, Q + K:].view(shape_kv),
+                attn_t.view(shape_q), dattn_t.view(shape_q))
+
+    native = views(qkv, attn, dattn)
+    short = [qkv.dtype in (torch.bfloat16, torch.float16) and _group_len(g) < FP32_BACKWARD_BELOW for g in sp.groups]
+    wide = views(qkv.float(), attn.float(), dattn.float()) if any(short) else None
+    grad_dtype = torch.float32 if wide is not None else qkv.dtype
     shared = any(len(g) > 1 for g in sp.groups)
-    dqkv = torch.zeros_like(qkv) if shared else torch.empty_like(qkv)
+    dqkv = (torch.zeros if shared else torch.empty)(qkv.shape, dtype=grad_dtype, device=qkv.device)
     dq, dk, dv = dqkv[:, :Q].view(shape_q), dqkv[:, Q:Q + K].view(shape_kv), dqkv[:, Q + K:].view(shape_kv)
-    for group in sp.groups:
+    for group, in_fp32 in zip(sp.groups, short):
+        q, k, v, o, do = wide if in_fp32 else native
         if len(group) == 1:
             dog = do[group[0][0]:group[0][1]]
         else:
@@ -366,7 +388,7 @@ class _AttnBlock(torch.autograd.Function):
         xn = xr * sp.norm_w
         dxn = None
         if need_x:
-            dxn = dqkv @ sp.w_qkv
+            dxn = dqkv.to(sp.w_qkv.dtype) @ sp.w_qkv
         sl = {"q": slice(0, Q), "k": slice(Q, Q + K), "v": slice(Q + K, Q + 2 * K)}
         perms = {"q": sp.perm_q, "k": sp.perm_k, "v": None}
         xa = _as_adapter_dtype(xn, (sp.q, sp.k, sp.v))
