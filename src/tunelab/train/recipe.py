@@ -24,6 +24,7 @@ from ..data.replay import replay_share
 from ..data.render import Renderer
 from ..files import atomic_write_json, atomic_write_text
 from ..models.build import build_model
+from ..models.heap import return_freed_pages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_trained
 from .guards import Interrupted, NonFiniteGuard, StopSignals, checkpoint_failed, disk_warning, drop_untrained
 from .rundir import Run, join_run, open_run
@@ -254,6 +255,7 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        return_freed_pages()  # this step's freed activations leave RSS (models/heap.py)
         state.step += 1
         state.trained_tokens += int(n_global)
         result.losses.append(train_loss)
