@@ -322,21 +322,28 @@ def test_gradient_checkpointing_is_exact_with_dropout(model_dir, tokenizer):
         torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-9)
 
 
+def _lora_model_on_bf16_weights(model_dir, dtype: str):
+    """LoRA r=4 on all linear layers with B filled (_fill_lora_b); in fp32 the frozen weights are
+    the bf16 model's, rounded, so that an fp32 computation is the reference for the bf16 one."""
+    cfg = config_from_dict({"model": {"name": model_dir, "dtype": dtype}, "lora": {"rank": 4, "targets": "all-linear", "dropout": 0.0}})
+    torch.manual_seed(0)
+    model = build_model(cfg, CPU).model
+    _fill_lora_b(model)
+    if dtype == "fp32":
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
 def test_bf16_base_is_as_accurate_as_transformers(model_dir, tokenizer):
     """With a bf16 frozen base (machines with native bf16), the fused path's gradients are as close
     to an fp32 computation on the same weights as the transformers bf16 forward's are."""
     b = collate(_batch(tokenizer, n=3, seed=12), tokenizer.pad_token_id)
     grads = {}
     for dtype in ("bf16", "fp32"):
-        cfg = config_from_dict({"model": {"name": model_dir, "dtype": dtype}, "lora": {"rank": 4, "targets": "all-linear", "dropout": 0.0}})
-        torch.manual_seed(0)
-        model = build_model(cfg, CPU).model
-        _fill_lora_b(model)
-        if dtype == "fp32":
-            with torch.no_grad():
-                for p in model.parameters():
-                    if not p.requires_grad:
-                        p.copy_(p.to(torch.bfloat16).float())  # the bf16 model's weights, computed in fp32
+        model = _lora_model_on_bf16_weights(model_dir, dtype)
         params = [p for p in model.parameters() if p.requires_grad]
         for fused in ((True, False) if dtype == "bf16" else (False,)):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -371,15 +378,7 @@ def test_bf16_attention_backward_in_fp32_for_short_sequences(model_dir, tokenize
     b = collate(exs, tokenizer.pad_token_id)
     grads = {}
     for dtype in ("bf16", "fp32"):
-        cfg = config_from_dict({"model": {"name": model_dir, "dtype": dtype}, "lora": {"rank": 4, "targets": "all-linear", "dropout": 0.0}})
-        torch.manual_seed(0)
-        model = build_model(cfg, CPU).model
-        _fill_lora_b(model)
-        if dtype == "fp32":
-            with torch.no_grad():
-                for p in model.parameters():
-                    if not p.requires_grad:
-                        p.copy_(p.to(torch.bfloat16).float())
+        model = _lora_model_on_bf16_weights(model_dir, dtype)
         params = [p for p in model.parameters() if p.requires_grad]
         seen.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):

@@ -78,14 +78,23 @@ def test_parse_size():
 
 # ------------------------------------------------------------------ measured peaks (CPU RSS)
 
+# The child reports its own VmHWM (the high-water RSS of the address space exec gave it). The
+# rusage of the child (wait4's ru_maxrss) would not do: Linux carries the parent's high-water
+# into it at fork/exec, so after a test that grew this pytest process the child read ~0.99 GB for
+# a tiny model whose run peaks near 0.6 GB.
+_REPORT_HWM = ("import atexit, runpy, sys\n"
+               "atexit.register(lambda: print('VmHWM_KB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))))\n"
+               "sys.argv = ['tunelab', 'train', sys.argv[1]]\n"
+               "runpy.run_module('tunelab', run_name='__main__')\n")
+
+
 def _peak_rss(cfg: Path) -> int:
     """Max resident set size of a `tunelab train` process (bytes)."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    out = p.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(p.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out[-3000:]
-    return usage.ru_maxrss * 1024
+    p = subprocess.run([sys.executable, "-c", _REPORT_HWM, str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0, out[-3000:]
+    return int(out.rsplit("VmHWM_KB", 1)[1].split()[0]) * 1024
 
 
 def _rows(n: int, prompt_words: int, completion_words: int) -> list[dict]:

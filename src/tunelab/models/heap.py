@@ -60,7 +60,7 @@ def transient_blocks_return_to_os() -> Iterator[None]:
         yield
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, TRAIN_MMAP_THRESHOLD)
-        libc.malloc_trim(0)
+        return_freed_pages()
 
 
 def return_freed_pages() -> None:
