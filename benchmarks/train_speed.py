@@ -321,7 +321,8 @@ def profile_tunelab(args: argparse.Namespace, plan: dict, steps: int) -> None:
     cfg = config_from_dict(tunelab_config(args, plan["precisions"]["tunelab"], "unused"))
     torch.manual_seed(0)
     built = build_model(cfg, torch.device("cpu"))
-    loss_fn = CausalLMLoss(built.model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix).train()
+    loss_fn = CausalLMLoss(built.model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix,
+                           compile_pointwise=cfg.train.compile_pointwise).train()
     params = [p for p in built.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=plan["lr"])
     exs = [EncodedExample(e["input_ids"], e["labels"]) for e in plan["examples"]]

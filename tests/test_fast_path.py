@@ -402,3 +402,25 @@ def test_unsupported_models_fall_back(model_dir, tokenizer):
     loss, n = fn(b.input_ids, b.attention_mask, b.labels)  # the transformers decoder path
     ref, _ = CausalLMLoss(copy.deepcopy(built.model), False, False)(b.input_ids, b.attention_mask, b.labels)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_pointwise_steps_keep_loss_and_gradients(model_dir, tokenizer):
+    """train.compile_pointwise: the fused decoder with RMSNorm / SwiGLU through torch.compile gives
+    the eager fused path's loss and gradients (fp32: up to reassociated sums), LoRA on down_proj too."""
+    from tunelab.kernels.pointwise import EAGER
+
+    built = _lora_model(model_dir, "all-linear")
+    model = built.model
+    b = collate(_batch(tokenizer), tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    for compiled in (False, True):
+        fn = CausalLMLoss(model, True, True, compile_pointwise=compiled)
+        assert (fn.fused.ops is not EAGER) == compiled
+        assert fn.fused_reason == ("on, pointwise steps compiled" if compiled else "on")
+        loss, n = fn(b.input_ids, b.attention_mask, b.labels)
+        out[compiled] = (loss.item(), torch.autograd.grad(loss / n, params))
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    for a, r in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-7)

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .pointwise import PointwiseOps, pointwise_ops
 
 
 def unwrap_causal_lm(model: nn.Module) -> nn.Module:
@@ -175,21 +176,6 @@ def _lora_backward(x: torch.Tensor, lo: _Lora, st: _LoraFwd, dout: torch.Tensor,
     return dA, dB
 
 
-def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x * rstd, rstd) with the statistics in fp32, like LlamaRMSNorm (before its weight)."""
-    xf = x.float()
-    rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).pow_(2).div_(x.shape[-1]).add_(eps).rsqrt_()
-    return (xf * rstd).to(x.dtype), rstd
-
-
-def _rms_backward(dxr: torch.Tensor, xr: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor) -> torch.Tensor:
-    """dres + d(x * rstd)/dx applied to dxr (in fp32): rstd * (dxr - xr * mean(dxr * xr))."""
-    d, r = dxr.float(), xr.float()
-    c = torch.linalg.vecdot(d, r).unsqueeze(-1).div_(d.shape[-1])
-    d.addcmul_(r, c, value=-1.0)
-    return torch.addcmul(dres.float(), d, rstd).to(dres.dtype)
-
-
 _flash = None
 _flash_bwd = None
 
@@ -219,6 +205,7 @@ class _AttnSpec:
     w_qkv: torch.Tensor  # (Q + 2K, H): q (rows permuted), k (permuted), v weights as one matrix
     b_qkv: Optional[torch.Tensor]  # (Q + 2K,) their biases likewise (zeros for a missing one), or None
     groups: list["Group"]  # the causal sequences attention runs over (one per example)
+    ops: PointwiseOps  # RMSNorm forward / backward, eager or compiled
 
 
 def _rope_(t: torch.Tensor, freqs: torch.Tensor, heads: int, d: int) -> None:
@@ -347,7 +334,7 @@ class _AttnBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, freqs: torch.Tensor, sp: _AttnSpec, *params: torch.Tensor) -> torch.Tensor:
-        xr, rstd = _rms(x, sp.eps)
+        xr, rstd = sp.ops.rms(x, sp.eps)
         xn = xr * sp.norm_w
         qkv = xn @ sp.w_qkv.t() if sp.b_qkv is None else torch.addmm(sp.b_qkv, xn, sp.w_qkv.t())
         Q, K = sp.n_heads * sp.head_dim, sp.n_kv * sp.head_dim
@@ -398,7 +385,7 @@ class _AttnBlock(torch.autograd.Function):
                 grads.append((p, _lora_backward(xa, p.lora, lora_st[name], dqkv[:, sl[name]], dxn, perms[name])))
         dx = None
         if need_x:
-            dx = _rms_backward(dxn.mul_(sp.norm_w), xr, rstd, dout)
+            dx = sp.ops.rms_backward(dxn.mul_(sp.norm_w), xr, rstd, dout)
         order = [sp.q, sp.k, sp.v, sp.o]
         by_proj = {id(p): g for p, g in grads}
         flat = _grads_for([(p, by_proj[id(p)]) for p in order if p.lora is not None])
@@ -412,6 +399,7 @@ class _MlpSpec:
     gate: _Proj
     up: _Proj
     down: _Proj
+    ops: PointwiseOps  # RMSNorm and SwiGLU forward / backward, eager or compiled
 
 
 def _linear(x: torch.Tensor, p: _Proj) -> torch.Tensor:
@@ -423,7 +411,7 @@ class _MlpBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sp: _MlpSpec, *params: torch.Tensor) -> torch.Tensor:
-        xr, rstd = _rms(x, sp.eps)
+        xr, rstd = sp.ops.rms(x, sp.eps)
         xn = xr * sp.norm_w
         g, u = _linear(xn, sp.gate), _linear(xn, sp.up)
         lora_st = {}
@@ -433,7 +421,7 @@ class _MlpBlock(torch.autograd.Function):
             if p.lora is not None:
                 lora_st[name] = _lora_forward(xa, p.lora, t)
         del xn, xa
-        h = F.silu(g).mul_(u)
+        h = sp.ops.swiglu(g, u)
         out = torch.addmm(x if sp.down.bias is None else x + sp.down.bias, h, sp.down.weight.t())
         if sp.down.lora is not None:
             lora_st["down"] = _lora_forward(h, sp.down.lora, out)
@@ -449,12 +437,9 @@ class _MlpBlock(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         grads = {}
         dh = dout @ sp.down.weight
-        silu = F.silu(g)
         if sp.down.lora is not None:
-            grads["down"] = _lora_backward(silu * u, sp.down.lora, lora_st["down"], dout, dh)
-        du = dh * silu
-        del silu
-        dg = torch.ops.aten.silu_backward(dh.mul_(u), g)
+            grads["down"] = _lora_backward(sp.ops.swiglu(g, u), sp.down.lora, lora_st["down"], dout, dh)
+        dg, du = sp.ops.swiglu_backward(dh, g, u)
         del dh
         xn = _as_adapter_dtype(xr * sp.norm_w, (sp.gate, sp.up)) if (sp.gate.lora is not None or sp.up.lora is not None) else None
         dxn = None
@@ -465,7 +450,7 @@ class _MlpBlock(torch.autograd.Function):
             p = getattr(sp, name)
             if p.lora is not None:
                 grads[name] = _lora_backward(xn, p.lora, lora_st[name], d, dxn)
-        dx = _rms_backward(dxn.mul_(sp.norm_w), xr, rstd, dout) if need_x else None
+        dx = sp.ops.rms_backward(dxn.mul_(sp.norm_w), xr, rstd, dout) if need_x else None
         flat = _grads_for([(getattr(sp, n), grads[n]) for n in ("gate", "up", "down") if getattr(sp, n).lora is not None])
         return (dx, None, *flat)
 
@@ -487,9 +472,12 @@ class FusedLlama:
 
     MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compile_pointwise: bool = False):
+        """``compile_pointwise``: run RMSNorm and SwiGLU through ``torch.compile`` (see
+        :mod:`.pointwise`: faster steps, seconds of compiling per process)."""
         self.model = model
         self.lm = unwrap_causal_lm(model)
+        self.ops = pointwise_ops(compile_pointwise)
         self._qkv_cache: dict[int, tuple] = {}
         self.check()
 
@@ -556,9 +544,9 @@ class FusedLlama:
             nkv = cfg.num_key_value_heads
             q, k, v = _proj(att.q_proj), _proj(att.k_proj), _proj(att.v_proj)
             a = _AttnSpec(layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon),
-                          q, k, v, _proj(att.o_proj), nh, nkv, d, float(att.scaling), *self._qkv(i, q, k, v, nh, nkv, d, device), groups)
+                          q, k, v, _proj(att.o_proj), nh, nkv, d, float(att.scaling), *self._qkv(i, q, k, v, nh, nkv, d, device), groups, self.ops)
             m = _MlpSpec(layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon),
-                         _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj))
+                         _proj(mlp.gate_proj), _proj(mlp.up_proj), _proj(mlp.down_proj), self.ops)
             specs.append((a, m))
         return specs
 

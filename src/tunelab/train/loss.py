@@ -111,7 +111,8 @@ class CausalLMLoss(nn.Module):
     """
 
     def __init__(self, model: nn.Module, trained_logits_only: bool = True, fused_decoder: bool = True, share_prefix: bool = True,
-                 ce_chunk_rows: int = CE_CHUNK_ROWS, padding_free: bool = True, kernels: str = "none"):
+                 ce_chunk_rows: int = CE_CHUNK_ROWS, padding_free: bool = True, kernels: str = "none",
+                 compile_pointwise: bool = False):
         super().__init__()
         self.model = model
         self.trained_logits_only = trained_logits_only
@@ -140,8 +141,8 @@ class CausalLMLoss(nn.Module):
             self.fused_reason = "off (train.fused_decoder: false)"
         else:
             try:
-                self.fused = FusedLlama(model)
-                self.fused_reason = "on"
+                self.fused = FusedLlama(model, compile_pointwise)
+                self.fused_reason = "on, pointwise steps compiled" if compile_pointwise else "on"
             except Unsupported as e:
                 self.fused_reason = f"unsupported here: {e}"
         if self.fused is not None:

@@ -128,7 +128,8 @@ def _train(cfg: Config, overrides: tuple[str, ...] | list[str], run: Run, accele
     for f in diag.start():
         rep.finding(f)
     loss_fn = CausalLMLoss(model, cfg.train.trained_logits_only, cfg.train.fused_decoder, cfg.train.shared_prefix,
-                           padding_free=cfg.train.padding_free, kernels=cfg.train.kernels)
+                           padding_free=cfg.train.padding_free, kernels=cfg.train.kernels,
+                           compile_pointwise=cfg.train.compile_pointwise)
 
     # ---------------------------------------------------------------- header: one screen
     plan = Plan(total_steps, steps_per_epoch, eval_every, save_every, micro_per_step, world, loss_fn.path)
