@@ -4,11 +4,12 @@ eager or compiled by ``torch.compile`` (inductor's CPU backend, gcc).
 Eager PyTorch makes one pass over memory per op: RMSNorm's backward on a bf16 (N, 576) block is
 ~10 passes (casts to fp32, products, sums), so it is memory-bound at ~3 ms for N = 1273, while
 inductor fuses it into one loop: 0.45 ms, measured on a 2-core Intel Xeon with AMX. Over a
-whole fused-decoder forward + backward the compiled steps were 1.08x and 1.26x faster in two
-sessions (``benchmarks/pointwise_compile.py``, medians of 8 paired rounds). Compiling costs ~5 s
+whole fused-decoder forward + backward that buys little: 1.01x and 1.02x on a quiet machine
+(1.08x and 1.26x in a noisy hour; ``benchmarks/pointwise_compile.py``, medians of 8 paired
+rounds), as matmuls and attention dominate. Compiling costs ~5 s
 per process with a warm inductor cache (/tmp/torchinductor_$USER, or TORCHINDUCTOR_CACHE_DIR)
 and ~40 s the first time on a machine, so it is opt-in
-(``train.compile_pointwise``): it pays on long runs, not on a 32-step one.
+(``train.compile_pointwise``), for long runs only.
 
 :func:`pointwise_ops` returns a namespace with the same four functions either way; the compiled
 one falls back to eager (one warning) if compilation fails, e.g. without a C++ compiler.
@@ -53,23 +54,15 @@ def swiglu_backward_eager(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) ->
     return dg, du
 
 
-# --------------------------------------------------------------------------- written for inductor (functional)
-
-def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd).to(x.dtype), rstd
-
+# --------------------------------------------------------------------------- backward steps written for inductor
+# The eager backward steps write into their inputs (dh; dxr when fp32) to save a pass; a mutated
+# input costs the compiled graph a copy back, so these two are written without in-place ops. The forward steps
+# mutate only their own temporaries and are compiled as they are.
 
 def _rms_backward(dxr: torch.Tensor, xr: torch.Tensor, rstd: torch.Tensor, dres: torch.Tensor) -> torch.Tensor:
     d, r = dxr.float(), xr.float()
     c = (d * r).sum(-1, keepdim=True) / d.shape[-1]
     return (dres.float() + (d - r * c) * rstd).to(dres.dtype)
-
-
-def _swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    # as eager: silu in the input dtype, then the product
-    return F.silu(g) * u
 
 
 def _swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +112,6 @@ def pointwise_ops(compiled: bool) -> PointwiseOps:
     if not compiled:
         return EAGER
     if _COMPILED is None:
-        _COMPILED = PointwiseOps(_Compiled(_rms, rms_eager), _Compiled(_rms_backward, rms_backward_eager),
-                                 _Compiled(_swiglu, swiglu_eager), _Compiled(_swiglu_backward, swiglu_backward_eager), compiled=True)
+        _COMPILED = PointwiseOps(_Compiled(rms_eager, rms_eager), _Compiled(_rms_backward, rms_backward_eager),
+                                 _Compiled(swiglu_eager, swiglu_eager), _Compiled(_swiglu_backward, swiglu_backward_eager), compiled=True)
     return _COMPILED
